@@ -1,0 +1,27 @@
+"""The coordinator's pure protocol core: no I/O, no clock; imports ``schemas`` only."""
+
+from coordinator.core.events import Event, HistoryLoaded, LookUp, Recovered, Unroutable
+from coordinator.core.machine import (
+    EVENT_KINDS,
+    TRANSITIONS,
+    CoordinatorCore,
+    CoordinatorSettings,
+    Effect,
+    Transaction,
+    TxState,
+)
+
+__all__ = [
+    "EVENT_KINDS",
+    "TRANSITIONS",
+    "CoordinatorCore",
+    "CoordinatorSettings",
+    "Effect",
+    "Event",
+    "HistoryLoaded",
+    "LookUp",
+    "Recovered",
+    "Transaction",
+    "TxState",
+    "Unroutable",
+]

@@ -1,0 +1,525 @@
+"""The coordinator's protocol as a transition table (presumed abort).
+
+``CoordinatorCore.handle(event, now_ms)`` looks the pair (state of the transaction, kind of event)
+up in ``TRANSITIONS``; a pair that is not there is a protocol violation, reported as an effect and
+never passed over silently. Time comes in as ``now_ms``; ids come in the messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from coordinator.core.events import Event, HistoryLoaded, LookUp, Recovered, Unroutable
+from schemas import topology
+from schemas.effects import (
+    CancelTimer,
+    Forget,
+    Incoming,
+    Persist,
+    ProtocolViolation,
+    Send,
+    StartTimer,
+    TimerFired,
+)
+from schemas.messages import (
+    Abort,
+    Ack,
+    Begin,
+    Commit,
+    Heartbeat,
+    Inquire,
+    Outcome,
+    OutcomeKind,
+    Prepare,
+    StatusQuery,
+    Vote,
+    VoteKind,
+)
+from schemas.records import CoordinatorRecord, TxAborted, TxBegun, TxCommitting, TxEnded
+
+Effect = Persist | Send | StartTimer | CancelTimer | Forget | ProtocolViolation | LookUp
+
+M = TypeVar("M")
+
+VOTE_TIMER = "vote"
+RESEND_TIMER = "resend"
+
+
+class TxState(enum.Enum):
+    #: not in memory: never seen, finished, or forgotten after a restart
+    NONE = "none"
+    #: a Begin or status query waits for the log to say whether the tx_id was seen before
+    LOOKING_UP = "looking_up"
+    VOTING = "voting"
+    #: COMMIT is durable; waiting for every YES voter's ACK
+    COMMITTING = "committing"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    liveness_timeout_ms: int = 3_000
+    resend_initial_ms: int = 500
+    resend_max_ms: int = 30_000
+    min_timeout_ms: int = 10
+    max_timeout_ms: int = 600_000
+    max_branches: int = 64
+
+
+@dataclass
+class Transaction:
+    tx_id: str
+    state: TxState
+    begin: Begin | None = None
+    traceparent: str = ""
+    reply_to: list[str] = field(default_factory=list)
+    status_reply_to: list[str] = field(default_factory=list)
+    participants: tuple[str, ...] = ()
+    votes: dict[str, VoteKind] = field(default_factory=dict)
+    awaiting_ack: set[str] = field(default_factory=set)
+    resend_delay_ms: int = 0
+
+
+@dataclass
+class Liveness:
+    last_seen_ms: int
+    interval_ms: int
+
+
+Handler = Callable[["CoordinatorCore", Transaction, Event, int], list[Effect]]
+
+
+def _kind(event: Event) -> str:
+    if isinstance(event, Incoming):
+        return type(event.message).__name__
+    if isinstance(event, TimerFired):
+        return f"Timer:{event.key[0]}"
+    return type(event).__name__
+
+
+class CoordinatorCore:
+    def __init__(self, settings: CoordinatorSettings | None = None, *, started_ms: int = 0) -> None:
+        self.settings = settings or CoordinatorSettings()
+        self.started_ms = started_ms
+        self.transactions: dict[str, Transaction] = {}
+        self.liveness: dict[str, Liveness] = {}
+
+    # ---- public API --------------------------------------------------------------------------
+
+    def handle(self, event: Event, now_ms: int) -> list[Effect]:
+        if isinstance(event, Incoming) and isinstance(event.message, Heartbeat):
+            beat = event.message
+            self.liveness[beat.participant] = Liveness(now_ms, beat.interval_ms)
+            return []
+        if isinstance(event, Recovered):
+            return self._recover(event, now_ms)
+        tx_id = _tx_id(event)
+        tx = self.transactions.get(tx_id) or Transaction(tx_id, TxState.NONE)
+        handler = TRANSITIONS.get((tx.state, _kind(event)))
+        if handler is None:
+            return [
+                ProtocolViolation(tx_id, f"{_kind(event)} is not valid in state {tx.state.value}")
+            ]
+        return handler(self, tx, event, now_ms)
+
+    def state_of(self, tx_id: str) -> TxState:
+        tx = self.transactions.get(tx_id)
+        return tx.state if tx else TxState.NONE
+
+    def in_doubt(self) -> list[str]:
+        return [t.tx_id for t in self.transactions.values() if t.state is not TxState.LOOKING_UP]
+
+    def participant_status(self, name: str, now_ms: int) -> str:
+        seen = self.liveness.get(name)
+        if seen is None:
+            return "unknown"
+        return "up" if now_ms - seen.last_seen_ms <= self.settings.liveness_timeout_ms else "down"
+
+    # ---- transitions -------------------------------------------------------------------------
+
+    def _begin_look_up(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        begin = _message(event, Begin)
+        tx.begin = begin
+        tx.traceparent = _traceparent(event)
+        tx.reply_to.append(begin.reply_to)
+        tx.state = TxState.LOOKING_UP
+        self.transactions[tx.tx_id] = tx
+        return [LookUp(tx.tx_id)]
+
+    def _status_look_up(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        tx.status_reply_to.append(_message(event, StatusQuery).reply_to)
+        tx.state = TxState.LOOKING_UP
+        self.transactions[tx.tx_id] = tx
+        return [LookUp(tx.tx_id)]
+
+    def _join_begin(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        reply_to = _message(event, Begin).reply_to
+        if reply_to not in tx.reply_to:
+            tx.reply_to.append(reply_to)
+        if tx.state is TxState.COMMITTING:
+            return [Send(reply_to, Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.COMMITTED))]
+        return []
+
+    def _join_status(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        reply_to = _message(event, StatusQuery).reply_to
+        if tx.state is TxState.LOOKING_UP:
+            tx.status_reply_to.append(reply_to)
+            return []
+        kind = OutcomeKind.COMMITTED if tx.state is TxState.COMMITTING else OutcomeKind.PENDING
+        return [Send(reply_to, Outcome(tx_id=tx.tx_id, outcome=kind))]
+
+    def _history_loaded(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        assert isinstance(event, HistoryLoaded)
+        finished = _recorded_outcome(event.records)
+        if finished is not None:
+            del self.transactions[tx.tx_id]
+            return [Send(q, finished, tx.traceparent) for q in tx.reply_to + tx.status_reply_to]
+        if tx.begin is None:
+            del self.transactions[tx.tx_id]
+            unknown = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.UNKNOWN)
+            return [Send(q, unknown) for q in tx.status_reply_to]
+        if any(isinstance(r, TxBegun) for r in event.records):
+            # Started by an earlier incarnation that crashed before deciding; recovery normally
+            # aborts these, so reaching here means the log was read before recovery finished.
+            return self._abort(tx, "the coordinator restarted before deciding", None)
+        return self._start(tx, now_ms)
+
+    def _start(self, tx: Transaction, now_ms: int) -> list[Effect]:
+        begin = tx.begin
+        assert begin is not None
+        refusal = self._refusal(begin, now_ms)
+        tx.participants = tuple(b.participant for b in begin.branches)
+        if refusal is not None:
+            reason, at_fault = refusal
+            return self._abort(tx, reason, at_fault, send_aborts=False)
+        deadline_ms = now_ms + begin.timeout_ms
+        tx.state = TxState.VOTING
+        effects: list[Effect] = [
+            Persist(
+                TxBegun(
+                    tx_id=tx.tx_id,
+                    branches=begin.branches,
+                    deadline_ms=deadline_ms,
+                    reply_to=begin.reply_to,
+                    traceparent=tx.traceparent,
+                ),
+                force=False,
+            )
+        ]
+        for branch in begin.branches:
+            prepare = Prepare(
+                tx_id=tx.tx_id,
+                participant=branch.participant,
+                operation=branch.operation,
+                args=branch.args,
+                deadline_ms=deadline_ms,
+                participants=tx.participants,
+            )
+            effects.append(
+                Send(topology.participant_queue(branch.participant), prepare, tx.traceparent)
+            )
+        effects.append(StartTimer((VOTE_TIMER, tx.tx_id), deadline_ms))
+        return effects
+
+    def _vote(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        vote = _message(event, Vote)
+        if vote.participant not in tx.participants:
+            return [
+                ProtocolViolation(tx.tx_id, f"vote from {vote.participant!r}, not a participant")
+            ]
+        if vote.vote is VoteKind.NO:
+            reason = vote.reason or "voted NO"
+            reason = f"{vote.participant} voted NO: {reason}"
+            return self._abort(tx, reason, vote.participant, no_voter=vote.participant)
+        tx.votes[vote.participant] = vote.vote
+        if len(tx.votes) < len(tx.participants):
+            return []
+        return self._commit(tx)
+
+    def _vote_timeout(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        silent = [p for p in tx.participants if p not in tx.votes]
+        begin = tx.begin
+        timeout = begin.timeout_ms if begin else 0
+        reason = f"no vote from {', '.join(silent)} within {timeout} ms"
+        return self._abort(tx, reason, silent[0] if silent else None)
+
+    def _commit(self, tx: Transaction) -> list[Effect]:
+        voters = tuple(p for p in tx.participants if tx.votes.get(p) is VoteKind.YES)
+        committed = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.COMMITTED)
+        effects: list[Effect] = [
+            Persist(
+                TxCommitting(tx_id=tx.tx_id, participants=voters, reply_to=tuple(tx.reply_to)),
+                force=True,
+            ),
+            CancelTimer((VOTE_TIMER, tx.tx_id)),
+        ]
+        effects += [
+            Send(
+                topology.participant_queue(p), Commit(tx_id=tx.tx_id, participant=p), tx.traceparent
+            )
+            for p in voters
+        ]
+        effects += [Send(q, committed, tx.traceparent) for q in tx.reply_to]
+        if not voters:  # every branch was read-only: there is no phase 2
+            return [*effects, *self._end(tx)]
+        tx.state = TxState.COMMITTING
+        tx.awaiting_ack = set(voters)
+        tx.resend_delay_ms = self.settings.resend_initial_ms
+        return effects
+
+    def _abort(
+        self,
+        tx: Transaction,
+        reason: str,
+        at_fault: str | None,
+        *,
+        send_aborts: bool = True,
+        no_voter: str | None = None,
+    ) -> list[Effect]:
+        effects: list[Effect] = [
+            Persist(
+                TxAborted(
+                    tx_id=tx.tx_id, reason=reason, at_fault=at_fault, participants=tx.participants
+                ),
+                force=True,
+            )
+        ]
+        if tx.state is TxState.VOTING:
+            effects.append(CancelTimer((VOTE_TIMER, tx.tx_id)))
+        if send_aborts:
+            # A NO or READ_ONLY voter has already released everything: it needs no ABORT.
+            told = [
+                p
+                for p in tx.participants
+                if p != no_voter and tx.votes.get(p) is not VoteKind.READ_ONLY
+            ]
+            effects += [
+                Send(
+                    topology.participant_queue(p),
+                    Abort(tx_id=tx.tx_id, participant=p, reason=reason),
+                    tx.traceparent,
+                )
+                for p in told
+            ]
+        outcome = Outcome(
+            tx_id=tx.tx_id, outcome=OutcomeKind.ABORTED, reason=reason, at_fault=at_fault
+        )
+        effects += [Send(q, outcome, tx.traceparent) for q in tx.reply_to + tx.status_reply_to]
+        self.transactions.pop(tx.tx_id, None)
+        effects.append(Forget(tx.tx_id))
+        return effects
+
+    def _ack(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        tx.awaiting_ack.discard(_message(event, Ack).participant)
+        if tx.awaiting_ack:
+            return []
+        return [CancelTimer((RESEND_TIMER, tx.tx_id)), *self._end(tx)]
+
+    def _end(self, tx: Transaction) -> list[Effect]:
+        self.transactions.pop(tx.tx_id, None)
+        return [Persist(TxEnded(tx_id=tx.tx_id), force=False), Forget(tx.tx_id)]
+
+    def _resend_commits(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = [
+            Send(
+                topology.participant_queue(p), Commit(tx_id=tx.tx_id, participant=p), tx.traceparent
+            )
+            for p in sorted(tx.awaiting_ack)
+        ]
+        effects.append(StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms))
+        tx.resend_delay_ms = min(tx.resend_delay_ms * 2, self.settings.resend_max_ms)
+        return effects
+
+    def _first_resend_timer(self, tx: Transaction, now_ms: int) -> StartTimer:
+        return StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms)
+
+    def _commit_again(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        """A duplicate YES vote or an inquiry while committing: that participant missed COMMIT."""
+        message = event.message if isinstance(event, Incoming) else None
+        participant = getattr(message, "participant", "")
+        if participant not in tx.awaiting_ack:
+            return []
+        commit = Commit(tx_id=tx.tx_id, participant=participant)
+        return [Send(topology.participant_queue(participant), commit, tx.traceparent)]
+
+    def _still_deciding(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        inquire = _message(event, Inquire)
+        pending = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.PENDING)
+        return [Send(topology.participant_queue(inquire.participant), pending, tx.traceparent)]
+
+    def _presume_abort(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        """No record in memory of an undecided or committing transaction means abort."""
+        message = event.message if isinstance(event, Incoming) else None
+        participant = getattr(message, "participant", "")
+        abort = Abort(
+            tx_id=tx.tx_id, participant=participant, reason="no decision on record: presumed abort"
+        )
+        return [Send(topology.participant_queue(participant), abort, _traceparent(event))]
+
+    def _vote_unknown(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        if _message(event, Vote).vote is VoteKind.YES:
+            return self._presume_abort(tx, event, now_ms)
+        return []
+
+    def _ignore(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        return []
+
+    def _unroutable(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        assert isinstance(event, Unroutable)
+        if tx.state is TxState.VOTING and event.participant in tx.participants:
+            queue = topology.participant_queue(event.participant)
+            reason = f"unknown participant {event.participant!r}: no queue {queue!r} exists"
+            return self._abort(tx, reason, event.participant)
+        return []
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _refusal(self, begin: Begin, now_ms: int) -> tuple[str, str | None] | None:
+        settings = self.settings
+        if not begin.branches:
+            return "the transaction has no branches", None
+        if len(begin.branches) > settings.max_branches:
+            return f"too many branches ({len(begin.branches)} > {settings.max_branches})", None
+        if not settings.min_timeout_ms <= begin.timeout_ms <= settings.max_timeout_ms:
+            return (
+                f"timeout {begin.timeout_ms} ms is outside "
+                f"[{settings.min_timeout_ms}, {settings.max_timeout_ms}] ms",
+                None,
+            )
+        seen: set[str] = set()
+        for branch in begin.branches:
+            name = branch.participant
+            if not topology.is_valid_participant_name(name):
+                return f"invalid participant name {name!r}", name
+            if name in seen:
+                return (
+                    f"participant {name!r} appears twice: combine its work into one operation",
+                    name,
+                )
+            seen.add(name)
+            down = self._down_reason(name, now_ms)
+            if down is not None:
+                return down, name
+        return None
+
+    def _down_reason(self, name: str, now_ms: int) -> str | None:
+        timeout = self.settings.liveness_timeout_ms
+        seen = self.liveness.get(name)
+        if seen is None:
+            if now_ms - self.started_ms < timeout:
+                return None  # just started: heartbeats may not have arrived yet
+            return f"unknown participant {name!r}: no heartbeat received from it"
+        silence = now_ms - seen.last_seen_ms
+        if silence > max(timeout, 3 * seen.interval_ms):
+            return f"participant {name!r} is down: last heartbeat {silence / 1000:.1f} s ago"
+        return None
+
+    def _recover(self, event: Recovered, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = []
+        for tx_id, records in event.unfinished.items():
+            begun = next((r for r in records if isinstance(r, TxBegun)), None)
+            committing = next((r for r in records if isinstance(r, TxCommitting)), None)
+            tx = Transaction(tx_id, TxState.NONE)
+            if begun is not None:
+                tx.participants = tuple(b.participant for b in begun.branches)
+                tx.reply_to = [begun.reply_to]
+                tx.traceparent = begun.traceparent
+            if committing is not None:
+                tx.state = TxState.COMMITTING
+                tx.awaiting_ack = set(committing.participants)
+                tx.resend_delay_ms = self.settings.resend_initial_ms
+                self.transactions[tx_id] = tx
+                effects += self._resend_commits(tx, event, now_ms)
+            elif begun is not None:
+                tx.state = TxState.VOTING
+                effects += self._abort(tx, "the coordinator restarted before deciding", None)
+        return effects
+
+
+def _tx_id(event: Event) -> str:
+    if isinstance(event, Incoming):
+        return getattr(event.message, "tx_id", "")
+    if isinstance(event, TimerFired):
+        return event.key[1]
+    return event.tx_id
+
+
+def _message(event: Event, kind: type[M]) -> M:
+    assert isinstance(event, Incoming) and isinstance(event.message, kind)
+    return event.message
+
+
+def _traceparent(event: Event) -> str:
+    return event.traceparent if isinstance(event, Incoming) else ""
+
+
+def _recorded_outcome(records: list[CoordinatorRecord]) -> Outcome | None:
+    for record in records:
+        if isinstance(record, TxCommitting):
+            return Outcome(tx_id=record.tx_id, outcome=OutcomeKind.COMMITTED)
+        if isinstance(record, TxAborted):
+            return Outcome(
+                tx_id=record.tx_id,
+                outcome=OutcomeKind.ABORTED,
+                reason=record.reason,
+                at_fault=record.at_fault,
+            )
+    return None
+
+
+C = CoordinatorCore
+N, L, V, K = TxState.NONE, TxState.LOOKING_UP, TxState.VOTING, TxState.COMMITTING
+
+#: (state, event kind) -> handler. Everything else is a protocol violation.
+TRANSITIONS: dict[tuple[TxState, str], Handler] = {
+    (N, "Begin"): C._begin_look_up,
+    (L, "Begin"): C._join_begin,
+    (V, "Begin"): C._join_begin,
+    (K, "Begin"): C._join_begin,
+    (N, "StatusQuery"): C._status_look_up,
+    (L, "StatusQuery"): C._join_status,
+    (V, "StatusQuery"): C._join_status,
+    (K, "StatusQuery"): C._join_status,
+    (L, "HistoryLoaded"): C._history_loaded,
+    (N, "Vote"): C._vote_unknown,
+    (L, "Vote"): C._ignore,  # from an earlier incarnation; the participant will be told later
+    (V, "Vote"): C._vote,
+    (K, "Vote"): C._commit_again,
+    (N, "Ack"): C._ignore,  # late duplicate after END
+    (L, "Ack"): C._ignore,
+    (V, "Ack"): C._ignore,  # from an earlier incarnation of the same tx_id
+    (K, "Ack"): C._ack,
+    (N, "Inquire"): C._presume_abort,
+    (L, "Inquire"): C._ignore,  # the participant asks again after its back-off
+    (V, "Inquire"): C._still_deciding,
+    (K, "Inquire"): C._commit_again,
+    (N, "Timer:vote"): C._ignore,  # a timer that raced with the decision
+    (L, "Timer:vote"): C._ignore,
+    (V, "Timer:vote"): C._vote_timeout,
+    (K, "Timer:vote"): C._ignore,
+    (N, "Timer:resend"): C._ignore,
+    (L, "Timer:resend"): C._ignore,
+    (V, "Timer:resend"): C._ignore,
+    (K, "Timer:resend"): C._resend_commits,
+    (N, "Unroutable"): C._ignore,
+    (L, "Unroutable"): C._ignore,
+    (V, "Unroutable"): C._unroutable,
+    (K, "Unroutable"): C._ignore,
+}
+
+#: kinds of message a coordinator never receives (they flow the other way)
+WRONG_DIRECTION = ("Prepare", "Commit", "Abort", "Outcome")
+EVENT_KINDS = (
+    "Begin",
+    "StatusQuery",
+    "HistoryLoaded",
+    "Vote",
+    "Ack",
+    "Inquire",
+    "Timer:vote",
+    "Timer:resend",
+    "Unroutable",
+    *WRONG_DIRECTION,
+)

@@ -1,0 +1,35 @@
+"""A participant's pure protocol core: no I/O, no clock; imports ``schemas`` only."""
+
+from participant.core.events import (
+    AbortBranch,
+    BranchExecuted,
+    CommitBranch,
+    Event,
+    ExecuteBranch,
+    Recovered,
+)
+from participant.core.machine import (
+    EVENT_KINDS,
+    TRANSITIONS,
+    BranchInfo,
+    BranchState,
+    Effect,
+    ParticipantCore,
+    ParticipantSettings,
+)
+
+__all__ = [
+    "EVENT_KINDS",
+    "TRANSITIONS",
+    "AbortBranch",
+    "BranchExecuted",
+    "BranchInfo",
+    "BranchState",
+    "CommitBranch",
+    "Effect",
+    "Event",
+    "ExecuteBranch",
+    "ParticipantCore",
+    "ParticipantSettings",
+    "Recovered",
+]

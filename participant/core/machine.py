@@ -1,0 +1,352 @@
+"""A participant's protocol as a transition table (presumed abort).
+
+One ``ParticipantCore`` serves one participant name. Each branch (one per transaction) moves
+NONE -> EXECUTING -> PREPARED -> COMMITTED | ABORTED. The handler itself runs in the driver: the
+core asks for it with ``ExecuteBranch`` and hears back ``BranchExecuted``. Terminal branches stay
+in memory until a while after their deadline so that late duplicates are answered from memory,
+then the log (and presumed abort) answers for them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from participant.core.events import (
+    AbortBranch,
+    BranchExecuted,
+    CommitBranch,
+    Event,
+    ExecuteBranch,
+    Recovered,
+)
+from schemas import topology
+from schemas.effects import (
+    CancelTimer,
+    Forget,
+    Incoming,
+    Persist,
+    ProtocolViolation,
+    Send,
+    StartTimer,
+    TimerFired,
+)
+from schemas.messages import (
+    Abort,
+    Ack,
+    Inquire,
+    Prepare,
+    Vote,
+    VoteKind,
+)
+from schemas.records import BranchCompleted, BranchPrepared, Decision
+
+Effect = (
+    Persist
+    | Send
+    | StartTimer
+    | CancelTimer
+    | Forget
+    | ProtocolViolation
+    | ExecuteBranch
+    | CommitBranch
+    | AbortBranch
+)
+M = TypeVar("M")
+
+INQUIRE_TIMER = "inquire"
+FORGET_TIMER = "forget"
+
+
+class BranchState(enum.Enum):
+    NONE = "none"
+    EXECUTING = "executing"
+    PREPARED = "prepared"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True)
+class ParticipantSettings:
+    #: how long past its deadline a prepared branch waits for the decision before inquiring
+    inquire_after_ms: int = 1_000
+    inquire_max_ms: int = 30_000
+    #: how long past its deadline a finished branch is remembered in memory
+    remember_ms: int = 60_000
+
+
+@dataclass
+class BranchInfo:
+    tx_id: str
+    state: BranchState
+    operation: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    deadline_ms: int = 0
+    traceparent: str = ""
+    abort_requested: bool = False
+    inquire_delay_ms: int = 0
+
+
+Handler = Callable[["ParticipantCore", BranchInfo, Event, int], list[Effect]]
+
+
+def _kind(event: Event) -> str:
+    if isinstance(event, Incoming):
+        return type(event.message).__name__
+    if isinstance(event, TimerFired):
+        return f"Timer:{event.key[0]}"
+    return type(event).__name__
+
+
+class ParticipantCore:
+    def __init__(self, name: str, settings: ParticipantSettings | None = None) -> None:
+        self.name = name
+        self.settings = settings or ParticipantSettings()
+        self.coordinator_queue = topology.COORDINATOR_QUEUE
+        self.branches: dict[str, BranchInfo] = {}
+
+    def handle(self, event: Event, now_ms: int) -> list[Effect]:
+        if isinstance(event, Recovered):
+            return self._recover(event, now_ms)
+        tx_id = _tx_id(event)
+        message = event.message if isinstance(event, Incoming) else None
+        if message is not None and getattr(message, "participant", self.name) != self.name:
+            return [ProtocolViolation(tx_id, f"message for {message.participant!r}")]  # type: ignore[union-attr]
+        branch = self.branches.get(tx_id) or BranchInfo(tx_id, BranchState.NONE)
+        handler = TRANSITIONS.get((branch.state, _kind(event)))
+        if handler is None:
+            description = f"{_kind(event)} is not valid in state {branch.state.value}"
+            return [ProtocolViolation(tx_id, description)]
+        return handler(self, branch, event, now_ms)
+
+    def state_of(self, tx_id: str) -> BranchState:
+        branch = self.branches.get(tx_id)
+        return branch.state if branch else BranchState.NONE
+
+    def in_doubt(self) -> list[str]:
+        return [b.tx_id for b in self.branches.values() if b.state is BranchState.PREPARED]
+
+    # ---- transitions -------------------------------------------------------------------------
+
+    def _prepare(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        prepare = _message(event, Prepare)
+        branch.operation, branch.args = prepare.operation, prepare.args
+        branch.deadline_ms, branch.traceparent = prepare.deadline_ms, _traceparent(event)
+        self.branches[branch.tx_id] = branch
+        if now_ms > prepare.deadline_ms:
+            late = now_ms - prepare.deadline_ms
+            return self._refuse(branch, f"PREPARE arrived {late} ms after its deadline")
+        branch.state = BranchState.EXECUTING
+        return [ExecuteBranch(branch.tx_id, prepare.operation, prepare.args)]
+
+    def _executed(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        assert isinstance(event, BranchExecuted)
+        if not event.ok:
+            return self._refuse(branch, event.reason)
+        if branch.abort_requested:
+            # The ABORT overtook the handler: undo what it prepared, and never vote YES.
+            effects: list[Effect] = [AbortBranch(branch.tx_id, branch.operation, branch.args)]
+            return effects + self._refuse(branch, "aborted by the coordinator while preparing")
+        branch.state = BranchState.PREPARED
+        branch.inquire_delay_ms = self.settings.inquire_after_ms
+        record = BranchPrepared(
+            tx_id=branch.tx_id,
+            participant=self.name,
+            operation=branch.operation,
+            args=branch.args,
+            deadline_ms=branch.deadline_ms,
+            traceparent=branch.traceparent,
+        )
+        return [
+            Persist(record, force=True),  # write-ahead rule 1
+            self._send(branch, Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.YES)),
+            StartTimer(_inquire_key(branch), branch.deadline_ms + branch.inquire_delay_ms),
+        ]
+
+    def _refuse(self, branch: BranchInfo, reason: str) -> list[Effect]:
+        vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason)
+        return [*self._finish(branch, Decision.ABORT, reason), self._send(branch, vote)]
+
+    def _abort_while_executing(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        branch.abort_requested = True
+        return []
+
+    def _commit(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        return [
+            CommitBranch(branch.tx_id, branch.operation, branch.args),
+            CancelTimer(_inquire_key(branch)),
+            *self._finish(branch, Decision.COMMIT, "", force=True),  # before the ACK: rule 6
+            self._send(branch, Ack(tx_id=branch.tx_id, participant=self.name)),
+        ]
+
+    def _abort(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        reason = _message(event, Abort).reason
+        return [
+            AbortBranch(branch.tx_id, branch.operation, branch.args),
+            CancelTimer(_inquire_key(branch)),
+            *self._finish(branch, Decision.ABORT, reason),
+        ]
+
+    def _abort_before_prepare(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        """Remember the ABORT so that its PREPARE, if it comes later, votes NO."""
+        self.branches[branch.tx_id] = branch
+        branch.deadline_ms = now_ms
+        return self._finish(branch, Decision.ABORT, _message(event, Abort).reason)
+
+    def _finish(
+        self, branch: BranchInfo, decision: Decision, reason: str, *, force: bool = False
+    ) -> list[Effect]:
+        branch.state = BranchState.COMMITTED if decision is Decision.COMMIT else BranchState.ABORTED
+        record = BranchCompleted(
+            tx_id=branch.tx_id, participant=self.name, decision=decision, reason=reason
+        )
+        forget_at = max(branch.deadline_ms, 0) + self.settings.remember_ms
+        return [Persist(record, force=force), StartTimer((FORGET_TIMER, branch.tx_id), forget_at)]
+
+    def _vote_again(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        """A duplicate PREPARE: the coordinator may have missed the vote, so repeat it."""
+        if branch.state is BranchState.PREPARED:
+            vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.YES)
+            return [self._send(branch, vote)]
+        reason = "the transaction was already aborted here"
+        return [
+            self._send(
+                branch,
+                Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason),
+            )
+        ]
+
+    def _ack_again(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        return [self._send(branch, Ack(tx_id=branch.tx_id, participant=self.name))]
+
+    def _inquire(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        delay = branch.inquire_delay_ms
+        branch.inquire_delay_ms = min(delay * 2, self.settings.inquire_max_ms)
+        return [
+            self._send(branch, Inquire(tx_id=branch.tx_id, participant=self.name)),
+            StartTimer(_inquire_key(branch), now_ms + branch.inquire_delay_ms),
+        ]
+
+    def _forget(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        del self.branches[branch.tx_id]
+        return [Forget(branch.tx_id)]
+
+    def _contradiction(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        """COMMIT for an aborted branch: a heuristic hazard, never applied, always reported."""
+        description = f"{_kind(event)} received for a branch that is {branch.state.value}"
+        return [ProtocolViolation(branch.tx_id, description)]
+
+    def _ignore(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        return []
+
+    # ---- recovery ----------------------------------------------------------------------------
+
+    def _recover(self, event: Recovered, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = []
+        for record in event.prepared:
+            branch = BranchInfo(
+                record.tx_id,
+                BranchState.PREPARED,
+                operation=record.operation,
+                args=record.args,
+                deadline_ms=record.deadline_ms,
+                traceparent=record.traceparent,
+                inquire_delay_ms=self.settings.inquire_after_ms,
+            )
+            self.branches[record.tx_id] = branch
+            if record.tx_id in event.resource_committed:
+                # Committed in the resource, crashed before the COMPLETED record: finish the log
+                # and ACK, so that the coordinator can end the transaction.
+                effects += self._finish(branch, Decision.COMMIT, "", force=True)
+                effects.append(self._send(branch, Ack(tx_id=record.tx_id, participant=self.name)))
+            elif record.tx_id not in event.resource_prepared:
+                effects += self._finish(branch, Decision.ABORT, "rolled back before the crash")
+            else:  # in doubt: ask at once rather than wait out the deadline
+                effects += self._inquire(branch, event, now_ms)
+        known = {r.tx_id for r in event.prepared}
+        for tx_id in sorted(event.resource_prepared - known):
+            # Prepared in the resource but no PREPARED record: this branch never voted YES.
+            effects.append(AbortBranch(tx_id, "", {}))
+        return effects
+
+    def _send(self, branch: BranchInfo, message: Vote | Ack | Inquire) -> Send:
+        return Send(self.coordinator_queue, message, branch.traceparent)
+
+
+def _inquire_key(branch: BranchInfo) -> tuple[str, str]:
+    return (INQUIRE_TIMER, branch.tx_id)
+
+
+def _tx_id(event: Event) -> str:
+    if isinstance(event, Incoming):
+        return getattr(event.message, "tx_id", "")
+    if isinstance(event, TimerFired):
+        return event.key[1]
+    return event.tx_id
+
+
+def _message(event: Event, kind: type[M]) -> M:
+    assert isinstance(event, Incoming) and isinstance(event.message, kind)
+    return event.message
+
+
+def _traceparent(event: Event) -> str:
+    return event.traceparent if isinstance(event, Incoming) else ""
+
+
+P = ParticipantCore
+N, E, R = BranchState.NONE, BranchState.EXECUTING, BranchState.PREPARED
+C, A = BranchState.COMMITTED, BranchState.ABORTED
+
+#: (state, event kind) -> handler. Everything else is a protocol violation.
+TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
+    (N, "Prepare"): P._prepare,
+    (E, "Prepare"): P._ignore,  # duplicate while the handler runs
+    (R, "Prepare"): P._vote_again,
+    (C, "Prepare"): P._ignore,  # late duplicate: the coordinator has every vote already
+    (A, "Prepare"): P._vote_again,  # an ABORT overtook its PREPARE: vote NO
+    (E, "BranchExecuted"): P._executed,
+    (N, "Commit"): P._ack_again,  # committed and forgotten long ago
+    (R, "Commit"): P._commit,
+    (C, "Commit"): P._ack_again,
+    (A, "Commit"): P._contradiction,
+    (N, "Abort"): P._abort_before_prepare,
+    (E, "Abort"): P._abort_while_executing,
+    (R, "Abort"): P._abort,
+    (C, "Abort"): P._contradiction,
+    (A, "Abort"): P._ignore,
+    (N, "Outcome"): P._ignore,
+    (E, "Outcome"): P._ignore,
+    (R, "Outcome"): P._ignore,  # "still deciding": the inquiry timer is already running
+    (C, "Outcome"): P._ignore,
+    (A, "Outcome"): P._ignore,
+    (R, "Timer:inquire"): P._inquire,
+    (N, "Timer:inquire"): P._ignore,
+    (C, "Timer:inquire"): P._ignore,
+    (A, "Timer:inquire"): P._ignore,
+    (C, "Timer:forget"): P._forget,
+    (A, "Timer:forget"): P._forget,
+    (N, "Timer:forget"): P._ignore,
+    # Timers are cancelled lazily; one that outlived its purpose fires into a later state.
+    (E, "Timer:inquire"): P._ignore,
+    (E, "Timer:forget"): P._ignore,
+    (R, "Timer:forget"): P._ignore,
+}
+
+EVENT_KINDS = (
+    "Prepare",
+    "BranchExecuted",
+    "Commit",
+    "Abort",
+    "Outcome",
+    "Timer:inquire",
+    "Timer:forget",
+    "Begin",
+    "Vote",
+    "Ack",
+    "Inquire",
+    "Heartbeat",
+    "StatusQuery",
+)

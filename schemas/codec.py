@@ -1,0 +1,108 @@
+"""Encoding and validated decoding of messages and records (JSON via msgspec).
+
+JSON rather than MessagePack so that participants in other languages can use the generated JSON
+Schema documents in ``schemas/json`` with any JSON library.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import operator
+from typing import Any
+
+import msgspec
+
+from schemas.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
+from schemas.records import (
+    COORDINATOR_RECORD_TYPES,
+    PARTICIPANT_RECORD_TYPES,
+    CoordinatorRecord,
+    ParticipantRecord,
+)
+
+
+class DecodeError(Exception):
+    """Bytes that are not a valid message; keeps the raw bytes and the cause."""
+
+    def __init__(self, raw: bytes, cause: str) -> None:
+        super().__init__(cause)
+        self.raw = raw
+        self.cause = cause
+
+
+_encoder = msgspec.json.Encoder()
+_message_decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+_coordinator_record_decoder: msgspec.json.Decoder[CoordinatorRecord] = msgspec.json.Decoder(
+    CoordinatorRecord
+)
+_participant_record_decoder: msgspec.json.Decoder[ParticipantRecord] = msgspec.json.Decoder(
+    ParticipantRecord
+)
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_message(raw: bytes) -> Message:
+    try:
+        message = _message_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise DecodeError(raw, str(exc)) from exc
+    if message.v != PROTOCOL_VERSION:
+        raise DecodeError(
+            raw, f"unsupported protocol version {message.v} (this is v{PROTOCOL_VERSION})"
+        )
+    return message
+
+
+def decode_coordinator_record(raw: bytes) -> CoordinatorRecord:
+    try:
+        return _coordinator_record_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(raw, str(exc)) from exc
+
+
+def decode_participant_record(raw: bytes) -> ParticipantRecord:
+    try:
+        return _participant_record_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(raw, str(exc)) from exc
+
+
+def record_kind(record: msgspec.Struct) -> str:
+    tag = type(record).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def _union(types: tuple[type[Any], ...]) -> Any:
+    return functools.reduce(operator.or_, types)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema documents kept in ``schemas/json`` (file name -> document)."""
+
+    def schema_for(types: tuple[type[Any], ...]) -> dict[str, Any]:
+        (schema,), components = msgspec.json.schema_components(
+            [_union(types)], ref_template="#/$defs/{name}"
+        )
+        return {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            **schema,
+            "$defs": components,
+        }
+
+    return {
+        "messages.schema.json": schema_for(MESSAGE_TYPES),
+        "coordinator-records.schema.json": schema_for(COORDINATOR_RECORD_TYPES),
+        "participant-records.schema.json": schema_for(PARTICIPANT_RECORD_TYPES),
+    }
+
+
+def render_json_schemas() -> dict[str, str]:
+    return {
+        name: json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        for name, doc in json_schemas().items()
+    }
