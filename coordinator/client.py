@@ -1,0 +1,299 @@
+"""The application-facing client library: submit a transaction, get its ``Outcome``.
+
+    with Client("amqp://guest:guest@localhost:5672/") as client:
+        outcome = client.submit([Branch("bank-a", "debit", {"account": "a1", "amount": 5}),
+                                 Branch("bank-b", "credit", {"account": "b7", "amount": 5})])
+        if outcome.outcome is OutcomeKind.COMMITTED: ...
+
+The client is thread-safe: one background thread owns the AMQP connection and every public
+method hands work to it. ``tx_id`` makes submission idempotent: resubmitting the same ``tx_id``
+(from this client or any other, before or after a coordinator restart) returns the first outcome
+and never runs the transaction twice. While waiting, the client re-sends its ``Begin`` now and
+then; the coordinator treats the copies as the same transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from schemas import topology
+from schemas.codec import DecodeError, decode_message, encode
+from schemas.messages import Begin, Branch, Outcome, OutcomeKind, StatusQuery
+from twophase.amqp import AmqpChannel, ConnectionLost
+from twophase.driver import now_ms
+
+log = logging.getLogger("twophase.client")
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+FINAL = (OutcomeKind.COMMITTED, OutcomeKind.ABORTED)
+
+__all__ = ["AsyncClient", "Branch", "Client", "Outcome", "OutcomeKind", "OutcomeUnknown"]
+
+
+class OutcomeUnknown(TimeoutError):
+    """No outcome arrived in time. The transaction may still finish: ask ``status(tx_id)``."""
+
+    def __init__(self, tx_id: str, waited_s: float) -> None:
+        super().__init__(f"no outcome for transaction {tx_id} after {waited_s:.1f} s")
+        self.tx_id = tx_id
+
+
+@dataclass
+class _Pending:
+    begin: Begin
+    futures: list[Future[Outcome]] = field(default_factory=list)
+    resend_at_ms: int = 0
+    resend_every_ms: int = 0
+
+
+class Client:
+    def __init__(
+        self,
+        amqp_url: str = DEFAULT_AMQP_URL,
+        *,
+        connect_attempts: int = 1,
+        resend_after_s: float | None = None,
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.client_id = uuid.uuid4().hex
+        self.reply_queue = topology.client_queue(self.client_id)
+        self._resend_after_s = resend_after_s
+        self._outgoing: deque[tuple[str, bytes]] = deque()
+        self._pending: dict[str, _Pending] = {}
+        self._status: dict[str, list[Future[Outcome]]] = {}
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._channel: AmqpChannel | None = None
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._serve, args=(ready, connect_attempts), name="twophase-client", daemon=True
+        )
+        self._thread.start()
+        ready.result()
+
+    # ---- public API ------------------------------------------------------------------------
+
+    def submit(
+        self,
+        branches: Sequence[Branch | tuple[str, str, dict[str, object]]],
+        *,
+        tx_id: str | None = None,
+        timeout: float = 5.0,
+        wait: float | None = None,
+    ) -> Outcome:
+        """Run a transaction; block until it commits or aborts.
+
+        ``timeout`` is the vote timeout the coordinator enforces. ``wait`` bounds how long this
+        call blocks (default: ``2 * timeout + 5`` seconds) before raising ``OutcomeUnknown``.
+        """
+        future = self.submit_future(branches, tx_id=tx_id, timeout=timeout)
+        waited = wait if wait is not None else 2 * timeout + 5
+        try:
+            return future.result(waited)
+        except FutureTimeout:
+            raise OutcomeUnknown(future.tx_id, waited) from None  # type: ignore[attr-defined]
+
+    def submit_future(
+        self,
+        branches: Sequence[Branch | tuple[str, str, dict[str, object]]],
+        *,
+        tx_id: str | None = None,
+        timeout: float = 5.0,
+    ) -> Future[Outcome]:
+        tx_id = tx_id or uuid.uuid4().hex
+        begin = Begin(
+            tx_id=tx_id,
+            branches=tuple(b if isinstance(b, Branch) else Branch(*b) for b in branches),
+            timeout_ms=int(timeout * 1000),
+            reply_to=self.reply_queue,
+        )
+        future: Future[Outcome] = Future()
+        future.tx_id = tx_id  # type: ignore[attr-defined]
+        resend_ms = int((self._resend_after_s or timeout + 1.0) * 1000)
+        with self._lock:
+            pending = self._pending.get(tx_id)
+            if pending is None:
+                pending = _Pending(
+                    begin, resend_at_ms=now_ms() + resend_ms, resend_every_ms=resend_ms
+                )
+                self._pending[tx_id] = pending
+            pending.futures.append(future)
+        self._send(topology.COORDINATOR_QUEUE, encode(begin))
+        return future
+
+    def status(self, tx_id: str, *, wait: float = 5.0) -> Outcome:
+        """What the coordinator knows of ``tx_id``: COMMITTED, ABORTED, PENDING or UNKNOWN."""
+        future: Future[Outcome] = Future()
+        with self._lock:
+            self._status.setdefault(tx_id, []).append(future)
+        self._send(
+            topology.COORDINATOR_QUEUE, encode(StatusQuery(tx_id=tx_id, reply_to=self.reply_queue))
+        )
+        try:
+            return future.result(wait)
+        except FutureTimeout:
+            raise OutcomeUnknown(tx_id, wait) from None
+
+    def close(self) -> None:
+        self._closing.set()
+        self._wake()
+        self._thread.join(10)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ---- the I/O thread ----------------------------------------------------------------------
+
+    def _send(self, queue: str, body: bytes) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("the client is closed")
+        with self._lock:
+            self._outgoing.append((queue, body))
+        self._wake()
+
+    def _wake(self) -> None:
+        channel = self._channel
+        if channel is not None:
+            # closing or reconnecting: the loop polls again shortly
+            with contextlib.suppress(Exception):
+                channel.call_threadsafe(lambda: None)
+
+    def _serve(self, ready: Future[None], connect_attempts: int) -> None:
+        try:
+            channel = AmqpChannel(
+                self.amqp_url,
+                prefetch=1024,
+                connection_name=f"twophase-client-{self.client_id[:8]}",
+                connect_attempts=connect_attempts,
+            )
+            channel.declare_queue(topology.COORDINATOR_QUEUE)
+            channel.declare_queue(self.reply_queue, durable=False, exclusive=True)
+            channel.consume(self.reply_queue)
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        self._channel = channel
+        ready.set_result(None)
+        try:
+            while not self._closing.is_set():
+                try:
+                    self._turn(channel)
+                except ConnectionLost as exc:
+                    log.warning("client lost its connection (%s); reconnecting", exc)
+                    channel.reconnect()
+                    self._resend_all()
+        finally:
+            self._channel = None
+            channel.close()
+            self._fail_all(RuntimeError("the client was closed"))
+
+    def _turn(self, channel: AmqpChannel) -> None:
+        deliveries = channel.poll(0.0 if self._outgoing else 0.1)
+        for delivery in deliveries:
+            try:
+                message = decode_message(delivery.body)
+            except DecodeError as exc:
+                log.warning("client dropped an undecodable reply: %s", exc.cause)
+                continue
+            if isinstance(message, Outcome):
+                self._resolve(message)
+        channel.ack(deliveries)
+        self._resend_due()
+        with self._lock:
+            batch = list(self._outgoing)
+            self._outgoing.clear()
+        for queue, body in batch:
+            channel.publish(queue, body)
+        if batch:
+            channel.wait_for_confirms()
+
+    def _resolve(self, outcome: Outcome) -> None:
+        with self._lock:
+            waiting = self._status.pop(outcome.tx_id, [])
+            if outcome.outcome in FINAL:
+                pending = self._pending.pop(outcome.tx_id, None)
+                if pending is not None:
+                    waiting += pending.futures
+        for future in waiting:
+            if not future.done():
+                future.set_result(outcome)
+
+    def _resend_due(self) -> None:
+        now = now_ms()
+        with self._lock:
+            for pending in self._pending.values():
+                if pending.futures and all(f.done() for f in pending.futures):
+                    continue
+                if now >= pending.resend_at_ms:
+                    pending.resend_at_ms = now + pending.resend_every_ms
+                    self._outgoing.append((topology.COORDINATOR_QUEUE, encode(pending.begin)))
+            self._pending = {k: p for k, p in self._pending.items() if not _abandoned(p.futures)}
+
+    def _resend_all(self) -> None:
+        with self._lock:
+            for pending in self._pending.values():
+                self._outgoing.append((topology.COORDINATOR_QUEUE, encode(pending.begin)))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            futures = [f for p in self._pending.values() for f in p.futures]
+            futures += [f for fs in self._status.values() for f in fs]
+            self._pending.clear()
+            self._status.clear()
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)
+
+
+def _abandoned(futures: Iterable[Future[Outcome]]) -> bool:
+    """Every caller gave up waiting (cancelled): stop re-sending."""
+    return all(f.cancelled() for f in futures)
+
+
+class AsyncClient:
+    """The asyncio face of :class:`Client` (the I/O still runs on the client's own thread)."""
+
+    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, **options: object) -> None:
+        self._client = Client(amqp_url, **options)  # type: ignore[arg-type]
+
+    async def submit(
+        self,
+        branches: Sequence[Branch | tuple[str, str, dict[str, object]]],
+        *,
+        tx_id: str | None = None,
+        timeout: float = 5.0,
+        wait: float | None = None,
+    ) -> Outcome:
+        future = self._client.submit_future(branches, tx_id=tx_id, timeout=timeout)
+        waited = wait if wait is not None else 2 * timeout + 5
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), waited)
+        except TimeoutError:
+            raise OutcomeUnknown(future.tx_id, waited) from None  # type: ignore[attr-defined]
+
+    async def status(self, tx_id: str, *, wait: float = 5.0) -> Outcome:
+        return await asyncio.to_thread(self._client.status, tx_id, wait=wait)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,17 @@
+"""The coordinator's decision log (SQLite file by default, PostgreSQL by URL)."""
+
+from __future__ import annotations
+
+from schemas.codec import decode_coordinator_record
+from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord
+from twophase.journal import Journal
+
+TABLE = "twophase_coordinator_log"
+
+
+class DecisionLog(Journal[CoordinatorRecord]):
+    def __init__(self, url: str) -> None:
+        super().__init__(url, TABLE, decode_coordinator_record)
+
+    def unfinished_transactions(self) -> dict[str, list[CoordinatorRecord]]:
+        return self.unfinished(COORDINATOR_FINISHED_KINDS)

@@ -1,0 +1,22 @@
+"""A participant's durable prepare log: one table per participant name."""
+
+from __future__ import annotations
+
+import re
+
+from schemas.codec import decode_participant_record
+from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
+from twophase.journal import Journal
+
+
+def table_name(participant: str) -> str:
+    return "twophase_prepare_log_" + re.sub(r"[^A-Za-z0-9_]", "_", participant).lower()
+
+
+class PrepareLog(Journal[ParticipantRecord]):
+    def __init__(self, url: str, participant: str) -> None:
+        super().__init__(url, table_name(participant), decode_participant_record)
+
+    def unfinished_branches(self) -> list[BranchPrepared]:
+        found = self.unfinished(PARTICIPANT_FINISHED_KINDS)
+        return [r for records in found.values() for r in records if isinstance(r, BranchPrepared)]

@@ -1,0 +1,214 @@
+"""The participant library: register operations, then run the worker (thread or foreground).
+
+bank = Participant("bank-a", ReservationResource("sqlite:///bank-a.db"))
+
+@bank.operation("debit")
+def debit(db, args): ...              # check and hold; raise Refuse("...") to vote NO
+
+@debit.on_commit
+def apply_debit(db, args): ...        # ReservationResource only: apply the hold
+
+bank.start()                          # background thread; or bank.run() in the foreground
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from participant.core import (
+    AbortBranch,
+    BranchExecuted,
+    CommitBranch,
+    ExecuteBranch,
+    ParticipantCore,
+    ParticipantSettings,
+    Recovered,
+)
+from participant.log import PrepareLog
+from participant.operations import Handler, OperationRegistry, OperationSpec, Refuse
+from participant.resources import Resource
+from schemas import topology
+from schemas.codec import encode
+from schemas.messages import Heartbeat
+from schemas.records import ParticipantRecord
+from twophase.amqp import AmqpChannel
+from twophase.crashpoints import crashpoint
+from twophase.driver import BatchDriver
+
+log = logging.getLogger("twophase.participant")
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+
+class OperationHandle:
+    """What ``@participant.operation(name)`` returns: the handler, plus hook decorators."""
+
+    def __init__(self, registry: OperationRegistry, name: str, handler: Handler) -> None:
+        self._registry, self.name, self.handler = registry, name, handler
+
+    def __call__(self, db: Any, args: dict[str, Any]) -> None:
+        self.handler(db, args)
+
+    def on_commit(self, hook: Handler) -> Handler:
+        self._registry.set_hook(self.name, on_commit=hook)
+        return hook
+
+    def on_abort(self, hook: Handler) -> Handler:
+        self._registry.set_hook(self.name, on_abort=hook)
+        return hook
+
+
+class Participant:
+    def __init__(
+        self,
+        name: str,
+        resource: Resource,
+        *,
+        amqp_url: str | None = None,
+        log_url: str | None = None,
+        heartbeat_interval_s: float = 1.0,
+        prefetch: int = 256,
+        settings: ParticipantSettings | None = None,
+    ) -> None:
+        topology.participant_queue(name)  # validates the name
+        self.name = name
+        self.resource = resource
+        self.amqp_url = amqp_url or os.environ.get("TWOPHASE_AMQP_URL", DEFAULT_AMQP_URL)
+        data_dir = Path(os.environ.get("TWOPHASE_DATA_DIR", ".twophase"))
+        self.log_url = (
+            log_url or os.environ.get("TWOPHASE_LOG_URL") or str(data_dir / f"{name}.log.db")
+        )
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.prefetch = prefetch
+        self.settings = settings or ParticipantSettings()
+        self.registry = OperationRegistry()
+        self._worker: ParticipantWorker | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    def operation(self, name: str) -> Callable[[Handler], OperationHandle]:
+        def register(handler: Handler) -> OperationHandle:
+            self.registry.add(OperationSpec(name, handler))
+            return OperationHandle(self.registry, name, handler)
+
+        return register
+
+    def run(self) -> None:
+        """Serve in the calling thread until :meth:`stop`."""
+        self._worker = ParticipantWorker(self)
+        self._ready.set()
+        try:
+            self._worker.serve_forever()
+        finally:
+            self.resource.close()
+
+    def start(self, *, ready_timeout: float = 30.0) -> threading.Thread:
+        """Serve in a background thread; returns once the worker is consuming."""
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                self.run()
+            except BaseException as exc:
+                failure.append(exc)
+                self._ready.set()
+                raise
+
+        self._thread = threading.Thread(target=target, name=f"twophase-{self.name}", daemon=True)
+        self._thread.start()
+        self._ready.wait(ready_timeout)
+        if failure:
+            raise failure[0]
+        return self._thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def worker(self) -> ParticipantWorker | None:
+        return self._worker
+
+
+class ParticipantWorker(BatchDriver[ParticipantRecord]):
+    side = "participant"
+
+    def __init__(self, app: Participant) -> None:
+        self.app = app
+        self.resource = app.resource
+        self.resource.bind(app.name)
+        journal = PrepareLog(app.log_url, app.name)
+        channel = AmqpChannel(
+            app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
+        )
+        queue = topology.participant_queue(app.name)
+        channel.declare_queue(queue)
+        channel.declare_queue(topology.COORDINATOR_QUEUE)
+        super().__init__(channel, journal, queue=queue, max_batch=app.prefetch)
+        self.prepare_log = journal
+        self.core = ParticipantCore(app.name, app.settings)
+        self._next_heartbeat = 0
+        self.recover()
+
+    def recover(self) -> None:
+        """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
+        prepared = self.prepare_log.unfinished_branches()
+        in_resource = self.resource.prepared()
+        committed = self.resource.committed([r.tx_id for r in prepared])
+        if prepared or in_resource:
+            log.info(
+                "%s: recovering %d prepared branches (%d prepared in the resource)",
+                self.app.name,
+                len(prepared),
+                len(in_resource),
+            )
+        self._injected.append(Recovered(prepared, in_resource, committed))
+
+    def handle(self, event: Any, now: int) -> Sequence[Any]:
+        return self.core.handle(event, now)
+
+    def perform(self, effect: Any, now: int) -> Iterable[Any]:
+        if isinstance(effect, ExecuteBranch):
+            return [self._execute(effect)]
+        if isinstance(effect, CommitBranch):
+            self.resource.commit(effect.tx_id, self._spec(effect.operation), effect.args)
+            crashpoint("participant.after_commit")
+            return ()
+        if isinstance(effect, AbortBranch):
+            self.resource.abort(effect.tx_id, self.app.registry.get(effect.operation), effect.args)
+            return ()
+        return super().perform(effect, now)
+
+    def _spec(self, operation: str) -> OperationSpec:
+        spec = self.app.registry.get(operation)
+        if spec is None:  # prepared by an older version of this service that had the operation
+            raise RuntimeError(f"{self.app.name}: operation {operation!r} is no longer registered")
+        return spec
+
+    def _execute(self, effect: ExecuteBranch) -> BranchExecuted:
+        spec = self.app.registry.get(effect.operation)
+        if spec is None:
+            known = ", ".join(sorted(self.app.registry.operations)) or "none"
+            reason = f"unknown operation {effect.operation!r} on {self.app.name} (known: {known})"
+            return BranchExecuted(effect.tx_id, ok=False, reason=reason)
+        try:
+            self.resource.prepare(effect.tx_id, spec, effect.args)
+        except Refuse as refusal:
+            return BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason)
+        crashpoint("participant.after_prepare")
+        return BranchExecuted(effect.tx_id, ok=True)
+
+    def periodic(self, now: int) -> None:
+        if now < self._next_heartbeat:
+            return
+        interval_ms = int(self.app.heartbeat_interval_s * 1000)
+        self._next_heartbeat = now + interval_ms
+        beat = Heartbeat(participant=self.app.name, sent_at_ms=now, interval_ms=interval_ms)
+        self.publish_now(topology.COORDINATOR_QUEUE, encode(beat))

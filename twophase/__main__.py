@@ -1,0 +1,5 @@
+import sys
+
+from twophase.cli import main
+
+sys.exit(main())

@@ -1,0 +1,205 @@
+"""The example bank participant used by the demo, the chaos test and the benchmark.
+
+Each bank holds accounts; a transfer debits one bank, credits another, and pays a fee to a third.
+With ``ReservationResource`` a debit holds the amount at prepare and applies it at commit; with
+``PostgresResource`` the debit runs inside the native prepared branch.
+
+Run one as a service: ``TWOPHASE_PARTICIPANT_NAME=bank-a TWOPHASE_BANK_DB=bank-a.db
+twophase participant --app twophase.bank:from_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+
+from participant.operations import Refuse
+from participant.resources import PostgresResource, ReservationResource
+from participant.worker import Participant
+from twophase.store import ConfigurationError, database_url
+
+RESOURCE_KINDS = ("reservation", "postgres")
+
+
+def create_bank(
+    name: str, db_url: str, *, resource: str = "reservation", **options: Any
+) -> Participant:
+    if resource == "postgres":
+        return _postgres_bank(name, db_url, **options)
+    if resource == "reservation":
+        return _reservation_bank(name, db_url, **options)
+    raise ConfigurationError(
+        f"unknown bank resource {resource!r}: use one of {', '.join(RESOURCE_KINDS)}"
+    )
+
+
+def from_env() -> Participant:
+    """Factory for ``twophase participant --app twophase.bank:from_env``."""
+    name = os.environ.get("TWOPHASE_PARTICIPANT_NAME", "")
+    db = os.environ.get("TWOPHASE_BANK_DB", "")
+    if not name or not db:
+        raise ConfigurationError("set TWOPHASE_PARTICIPANT_NAME and TWOPHASE_BANK_DB for the bank")
+    return create_bank(name, db, resource=os.environ.get("TWOPHASE_BANK_RESOURCE", "reservation"))
+
+
+def _amount(args: dict[str, Any]) -> int:
+    amount = args.get("amount")
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+        raise Refuse(f"amount must be a positive integer, got {amount!r}")
+    return amount
+
+
+def _account(args: dict[str, Any]) -> str:
+    account = args.get("account")
+    if not isinstance(account, str) or not account:
+        raise Refuse(f"account must be a non-empty string, got {account!r}")
+    return account
+
+
+# ---- reservation flavour (any SQLAlchemy database) ----------------------------------------
+
+
+def table_name(bank: str) -> str:
+    """Each bank has its own table, so that several banks may share one database."""
+    return "accounts_" + re.sub(r"[^A-Za-z0-9_]", "_", bank).lower()
+
+
+def accounts_table(bank: str) -> sa.TableClause:
+    return sa.table(table_name(bank), sa.column("id"), sa.column("balance"), sa.column("held"))
+
+
+def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
+    bank = Participant(name, ReservationResource(db_url), **options)
+    ACCOUNTS = accounts_table(name)
+
+    @bank.operation("debit")
+    def debit(db: sa.Connection, args: dict[str, Any]) -> None:
+        account, amount = _account(args), _amount(args)
+        row = db.execute(
+            sa.select(ACCOUNTS.c.balance, ACCOUNTS.c.held).where(ACCOUNTS.c.id == account)
+        ).first()
+        if row is None:
+            raise Refuse(f"no account {account!r} at {name}")
+        if row.balance - row.held < amount:
+            raise Refuse(
+                f"insufficient funds in {account} at {name}: "
+                f"balance {row.balance}, held {row.held}, needs {amount}"
+            )
+        db.execute(
+            sa.update(ACCOUNTS)
+            .where(ACCOUNTS.c.id == account)
+            .values(held=ACCOUNTS.c.held + amount)
+        )
+
+    @debit.on_commit
+    def apply_debit(db: sa.Connection, args: dict[str, Any]) -> None:
+        amount = args["amount"]
+        db.execute(
+            sa.update(ACCOUNTS)
+            .where(ACCOUNTS.c.id == args["account"])
+            .values(balance=ACCOUNTS.c.balance - amount, held=ACCOUNTS.c.held - amount)
+        )
+
+    @debit.on_abort
+    def release_debit(db: sa.Connection, args: dict[str, Any]) -> None:
+        db.execute(
+            sa.update(ACCOUNTS)
+            .where(ACCOUNTS.c.id == args["account"])
+            .values(held=ACCOUNTS.c.held - args["amount"])
+        )
+
+    @bank.operation("credit")
+    def credit(db: sa.Connection, args: dict[str, Any]) -> None:
+        account, _ = _account(args), _amount(args)
+        exists = db.execute(sa.select(ACCOUNTS.c.id).where(ACCOUNTS.c.id == account)).first()
+        if exists is None:
+            raise Refuse(f"no account {account!r} at {name}")
+
+    @credit.on_commit
+    def apply_credit(db: sa.Connection, args: dict[str, Any]) -> None:
+        db.execute(
+            sa.update(ACCOUNTS)
+            .where(ACCOUNTS.c.id == args["account"])
+            .values(balance=ACCOUNTS.c.balance + args["amount"])
+        )
+
+    return bank
+
+
+# ---- native PostgreSQL flavour -------------------------------------------------------------
+
+
+def _postgres_bank(name: str, db_url: str, **options: Any) -> Participant:
+    bank = Participant(name, PostgresResource(db_url), **options)
+    table = table_name(name)  # made of [a-z0-9_] only, so safe to format into SQL
+
+    @bank.operation("debit")
+    def debit(db: Any, args: dict[str, Any]) -> None:
+        account, amount = _account(args), _amount(args)
+        cursor = db.execute(
+            f"UPDATE {table} SET balance = balance - %s WHERE id = %s AND balance >= %s",
+            (amount, account, amount),
+        )
+        if cursor.rowcount == 1:
+            return
+        found = db.execute(f"SELECT balance FROM {table} WHERE id = %s", (account,)).fetchone()
+        if found is None:
+            raise Refuse(f"no account {account!r} at {name}")
+        raise Refuse(
+            f"insufficient funds in {account} at {name}: balance {found[0]}, needs {amount}"
+        )
+
+    @bank.operation("credit")
+    def credit(db: Any, args: dict[str, Any]) -> None:
+        account, amount = _account(args), _amount(args)
+        cursor = db.execute(
+            f"UPDATE {table} SET balance = balance + %s WHERE id = %s", (amount, account)
+        )
+        if cursor.rowcount != 1:
+            raise Refuse(f"no account {account!r} at {name}")
+
+    return bank
+
+
+# ---- set-up and inspection (used by the demo, chaos and bench) ----------------------------
+
+
+def open_accounts(db_url: str, bank: str, accounts: Iterable[tuple[str, int]]) -> None:
+    """Create (or reset) the bank's accounts table with the given opening balances."""
+    table = table_name(bank)
+    engine = sa.create_engine(_sa_url(db_url))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {table} (id VARCHAR(64) PRIMARY KEY, "
+                "balance BIGINT NOT NULL, held BIGINT NOT NULL DEFAULT 0)"
+            )
+        )
+        conn.execute(
+            sa.insert(accounts_table(bank)),
+            [{"id": a, "balance": b, "held": 0} for a, b in accounts],
+        )
+    engine.dispose()
+
+
+def totals(db_url: str, bank: str) -> tuple[int, int]:
+    """(sum of balances, sum of holds) of one bank."""
+    table = table_name(bank)
+    engine = sa.create_engine(_sa_url(db_url))
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text(f"SELECT COALESCE(SUM(balance), 0), COALESCE(SUM(held), 0) FROM {table}")
+            ).one()
+            return int(row[0]), int(row[1])
+    finally:
+        engine.dispose()
+
+
+def _sa_url(db_url: str) -> str:
+    return database_url(db_url)

@@ -1,0 +1,59 @@
+"""Settings from flags and ``TWOPHASE_*`` environment variables (a flag wins over the variable).
+
+=============================  ==========================================================
+TWOPHASE_AMQP_URL              RabbitMQ (default amqp://guest:guest@localhost:5672/)
+TWOPHASE_DATA_DIR              where default SQLite logs live (default ./.twophase)
+TWOPHASE_LOG_URL               this process's log, a path or database URL
+                               (default DATA_DIR/coordinator.log.db or DATA_DIR/NAME.log.db)
+TWOPHASE_PREFETCH              deliveries per batch (default 512; participants 256)
+TWOPHASE_LIVENESS_TIMEOUT      seconds without a heartbeat before a participant is down (3)
+TWOPHASE_HEARTBEAT_INTERVAL    participant heartbeat period in seconds (1)
+TWOPHASE_CRASHPOINTS           name[:probability],... for fault injection (off)
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twophase.store import ConfigurationError
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+
+def setting(flag: str | None, variable: str, default: str) -> str:
+    if flag is not None:
+        return flag
+    return os.environ.get(variable, default)
+
+
+def amqp_url(flag: str | None = None) -> str:
+    url = setting(flag, "TWOPHASE_AMQP_URL", DEFAULT_AMQP_URL)
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ConfigurationError(
+            f"TWOPHASE_AMQP_URL / --amqp-url {url!r} is not an AMQP URL: "
+            "use amqp://USER:PASSWORD@HOST:5672/VHOST"
+        )
+    return url
+
+
+def data_dir(flag: str | None = None) -> Path:
+    return Path(setting(flag, "TWOPHASE_DATA_DIR", ".twophase"))
+
+
+def log_url(flag: str | None, default_name: str, data_dir_flag: str | None = None) -> str:
+    return setting(
+        flag, "TWOPHASE_LOG_URL", str(data_dir(data_dir_flag) / f"{default_name}.log.db")
+    )
+
+
+def number(flag: str | None, variable: str, default: float, *, minimum: float = 0.0) -> float:
+    text = setting(flag, variable, str(default))
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigurationError(f"{variable} must be a number, got {text!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{variable} must be at least {minimum}, got {value}")
+    return value

@@ -1,0 +1,284 @@
+"""The I/O shell both sides share: consume a batch, run the core, persist, publish, ack.
+
+One ``BatchDriver`` owns one AMQP channel and runs in one thread. Each turn of its loop:
+
+1. takes what the broker delivered (up to the prefetch) and the timers that are due;
+2. runs every event through the core, collecting effects; side-specific effects (running a
+   handler, reading the log) are performed by the subclass and may feed events back;
+3. makes the batch's records durable in **one** log transaction (group commit);
+4. publishes the batch's messages (persistent, mandatory) and waits for the broker's confirms;
+5. only then acks the consumed messages.
+
+A crash between any two steps leaves either a redelivery or a durable record, never a lost or
+doubled effect: every message is handled idempotently by the cores. If the connection drops, the
+batch's messages are published again after reconnecting (duplicates are harmless by design) and
+the unacked deliveries come back redelivered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from schemas.codec import DecodeError, decode_message, encode
+from schemas.effects import (
+    CancelTimer,
+    Forget,
+    Incoming,
+    Persist,
+    ProtocolViolation,
+    Send,
+    StartTimer,
+    TimerFired,
+    TimerKey,
+)
+from schemas.topology import TRACEPARENT_HEADER
+from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError
+from twophase.crashpoints import crashpoint
+from twophase.journal import Journal
+
+log = logging.getLogger("twophase.driver")
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Timers:
+    """Deadlines by key; cancelled or replaced entries are dropped lazily from the heap."""
+
+    def __init__(self) -> None:
+        self._deadline: dict[TimerKey, int] = {}
+        self._heap: list[tuple[int, TimerKey]] = []
+
+    def start(self, key: TimerKey, deadline_ms: int) -> None:
+        self._deadline[key] = deadline_ms
+        heapq.heappush(self._heap, (deadline_ms, key))
+
+    def cancel(self, key: TimerKey) -> None:
+        self._deadline.pop(key, None)
+
+    def due(self, now: int) -> list[TimerKey]:
+        fired = []
+        while self._heap and self._heap[0][0] <= now:
+            deadline, key = heapq.heappop(self._heap)
+            if self._deadline.get(key) == deadline:
+                del self._deadline[key]
+                fired.append(key)
+        return fired
+
+    def next_deadline(self) -> int | None:
+        while self._heap and self._deadline.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._deadline)
+
+
+@dataclass
+class DriverStats:
+    batches: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    dead_lettered: int = 0
+    protocol_violations: int = 0
+    reconnects: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class BatchDriver(ABC, Generic[R]):
+    #: crash point names are "<side>.after_persist" etc.
+    side = "driver"
+
+    def __init__(
+        self,
+        channel: AmqpChannel,
+        journal: Journal[R],
+        *,
+        queue: str,
+        max_batch: int = 256,
+        idle_poll_s: float = 0.2,
+    ) -> None:
+        self.channel = channel
+        self.journal = journal
+        self.queue = queue
+        self.max_batch = max_batch
+        self.idle_poll_s = idle_poll_s
+        self.timers = Timers()
+        self.stats = DriverStats()
+        self._stop = threading.Event()
+        self._records: list[R] = []
+        self._sends: list[Send] = []
+        self._injected: deque[Any] = deque()
+
+    # ---- what a side provides -------------------------------------------------------------
+
+    @abstractmethod
+    def handle(self, event: Any, now: int) -> Sequence[Any]:
+        """Run the core."""
+
+    def perform(self, effect: Any, now: int) -> Iterable[Any]:
+        """Perform a side-specific effect; return the events it produces."""
+        raise TypeError(f"{type(self).__name__} cannot perform {effect!r}")
+
+    def settle(self, now: int) -> Iterable[Any]:
+        """Called when the batch's events are all handled; may return more (deferred work)."""
+        return ()
+
+    def forget(self, tx_id: str) -> None:
+        """The core dropped ``tx_id``."""
+
+    def on_unroutable(self, send: Send) -> Iterable[Any]:
+        log.warning("unroutable message to %s: %s", send.queue, type(send.message).__name__)
+        return ()
+
+    def periodic(self, now: int) -> None:
+        """Called once per loop turn (heartbeats and the like)."""
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        # the loop notices the flag within idle_poll_s anyway
+        with contextlib.suppress(Exception):
+            self.channel.call_threadsafe(lambda: None)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> None:
+        self.channel.consume(self.queue)
+        while not self._stop.is_set():
+            try:
+                self.turn()
+            except ConnectionLost as exc:
+                log.warning("connection to RabbitMQ lost (%s); reconnecting", exc)
+                self.stats.reconnects += 1
+                self.channel.reconnect()
+                self._republish()
+
+    def turn(self) -> None:
+        now = now_ms()
+        deadline = self.timers.next_deadline()
+        wait = (
+            self.idle_poll_s
+            if deadline is None
+            else max(0.0, min(self.idle_poll_s, (deadline - now) / 1000))
+        )
+        if self._injected:
+            wait = 0.0
+        deliveries = self.channel.poll(wait, self.max_batch)
+        now = now_ms()
+        self.periodic(now)
+        events: deque[Any] = deque(self._injected)
+        self._injected.clear()
+        good: list[Delivery] = []
+        for delivery in deliveries:
+            event = self._decode(delivery)
+            if event is not None:
+                events.append(event)
+                good.append(delivery)
+        events.extend(TimerFired(key) for key in self.timers.due(now))
+        if not events:
+            return
+        self.stats.batches += 1
+        self.stats.messages_in += len(deliveries)
+        self._run_events(events, now)
+        self._flush_records()
+        crashpoint(f"{self.side}.after_persist")
+        self._publish()
+        crashpoint(f"{self.side}.after_publish")
+        self.channel.ack(good)
+        crashpoint(f"{self.side}.after_ack")
+
+    def _decode(self, delivery: Delivery) -> Incoming | None:
+        try:
+            message = decode_message(delivery.body)
+        except DecodeError as exc:
+            reason = f"undecodable message: {exc.cause}"
+            log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
+            self.channel.dead_letter(delivery, reason)
+            self.stats.dead_lettered += 1
+            return None
+        return Incoming(message, delivery.headers.get(TRACEPARENT_HEADER, ""))
+
+    def _run_events(self, events: deque[Any], now: int) -> None:
+        while events:
+            while events:
+                event = events.popleft()
+                for effect in self.handle(event, now):
+                    events.extend(self._apply(effect, now))
+            events.extend(self.settle(now))
+
+    def _apply(self, effect: Any, now: int) -> Iterable[Any]:
+        if isinstance(effect, Persist):
+            self._records.append(effect.record)  # type: ignore[arg-type]
+        elif isinstance(effect, Send):
+            self._sends.append(effect)
+        elif isinstance(effect, StartTimer):
+            self.timers.start(effect.key, effect.deadline_ms)
+        elif isinstance(effect, CancelTimer):
+            self.timers.cancel(effect.key)
+        elif isinstance(effect, Forget):
+            self.forget(effect.tx_id)
+        elif isinstance(effect, ProtocolViolation):
+            self.stats.protocol_violations += 1
+            log.warning("protocol violation tx_id=%s: %s", effect.tx_id, effect.description)
+        else:
+            return self.perform(effect, now)
+        return ()
+
+    def pending_records(self, tx_id: str) -> list[R]:
+        """Records of ``tx_id`` handled in this batch but not yet flushed."""
+        return [r for r in self._records if r.tx_id == tx_id]  # type: ignore[attr-defined]
+
+    def _flush_records(self) -> None:
+        if self._records:
+            self.journal.append(self._records)
+            self._records = []
+
+    def _publish(self) -> None:
+        if not self._sends:
+            return
+        for send in self._sends:
+            headers = {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
+            self.channel.publish(send.queue, encode(send.message), headers=headers)
+        self.stats.messages_out += len(self._sends)
+        try:
+            self.channel.wait_for_confirms()
+        except PublishError as exc:
+            returned = set(exc.routing_keys)
+            for send in self._sends:
+                if send.queue in returned:
+                    self._injected.extend(self.on_unroutable(send))
+        self._sends = []
+
+    def _republish(self) -> None:
+        """After a reconnect: the last batch's messages may not have left; send them again."""
+        if self._sends:
+            log.info("re-publishing %d messages after reconnecting", len(self._sends))
+            self._publish()
+
+    def publish_now(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
+        """Fire-and-forget side traffic (heartbeats): no confirm is waited for."""
+        self.channel.publish(queue, body, persistent=persistent, mandatory=False)
+
+    def serve_forever(self) -> None:
+        try:
+            self.run()
+        finally:
+            self.channel.close()

@@ -1,0 +1,48 @@
+"""A typed view of a :class:`~twophase.store.RecordLog`: records in, records out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Generic, TypeVar
+
+import msgspec
+
+from schemas.codec import encode, record_kind
+from twophase.store import LogRow, RecordLog, check_connection, make_engine
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+class Journal(Generic[R]):
+    def __init__(self, url: str, table: str, decode: Callable[[bytes], R]) -> None:
+        engine = make_engine(url)
+        check_connection(engine)
+        self.url = url
+        self.log = RecordLog(engine, table)
+        self._decode = decode
+
+    def append(self, records: Sequence[R]) -> None:
+        """Group commit: every record in one transaction, durable on return."""
+        self.log.append(
+            [LogRow(tx_id=r.tx_id, kind=record_kind(r), body=encode(r)) for r in records]  # type: ignore[attr-defined]
+        )
+
+    def history(self, tx_ids: Iterable[str]) -> dict[str, list[R]]:
+        return self._decoded(self.log.rows_for(tx_ids))
+
+    def unfinished(self, finished_kinds: Collection[str]) -> dict[str, list[R]]:
+        return self._decoded(self.log.unfinished(finished_kinds))
+
+    def timeline(self, tx_id: str) -> list[tuple[float, R]]:
+        rows = self.log.rows_for([tx_id]).get(tx_id, [])
+        return [(row.written_at, self._decode(row.body)) for row in rows]
+
+    def _decoded(self, grouped: dict[str, list[LogRow]]) -> dict[str, list[R]]:
+        return {tx: [self._decode(row.body) for row in rows] for tx, rows in grouped.items()}
+
+    @property
+    def flushes(self) -> int:
+        return self.log.flushes
+
+    def close(self) -> None:
+        self.log.engine.dispose()

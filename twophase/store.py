@@ -1,0 +1,273 @@
+"""Database engines and the append-only record log shared by both logs.
+
+Choices made here (the architecture leaves them open):
+
+* A URL is either a filesystem path (SQLite file, made absolute), ``sqlite:///PATH`` or a
+  PostgreSQL URL; ``postgresql://`` and ``postgres://`` are driven by psycopg 3.
+* Every SQLite connection runs with ``journal_mode=WAL``, ``synchronous=FULL`` (a commit is on disk
+  when it returns), ``busy_timeout=10000`` and ``foreign_keys=ON``. The pool is SQLAlchemy's
+  ``QueuePool`` with ``check_same_thread=False``, so one engine serves many threads; SQLite
+  serialises the writers and ``busy_timeout`` makes them wait instead of failing.
+* PostgreSQL engines use ``pool_pre_ping`` and a pool of 5, with a 10 s connect timeout unless the
+  URL names one. Creating an engine never connects; :func:`check_connection` does, and turns a
+  failure into a one-line :class:`ConfigurationError`.
+* :class:`RecordLog` writes each batch in one transaction (group commit) with an executemany
+  insert. ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
+  write is a plain INSERT or DELETE, so SQLite writers never upgrade a read lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
+
+__all__ = [
+    "ConfigurationError",
+    "LogRow",
+    "RecordLog",
+    "check_connection",
+    "database_url",
+    "make_engine",
+]
+
+_CHUNK = 500
+_TX_ID_MAX = 200
+_KIND_MAX = 40
+
+
+class ConfigurationError(Exception):
+    """A setting is wrong; the message is one line that says what to fix."""
+
+
+def database_url(value: str) -> str:
+    """Normalise a database setting to a SQLAlchemy URL string (see the module docstring)."""
+    text = value.strip()
+    unsupported = ConfigurationError(
+        f"unsupported database URL {value!r}: "
+        "use a file path, sqlite:///PATH or postgresql://USER@HOST/DB"
+    )
+    if not text:
+        raise unsupported
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        return f"sqlite://{rest}"
+    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
+        if not rest:
+            raise unsupported
+        return f"postgresql+psycopg://{rest}"
+    raise unsupported
+
+
+def _redacted(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL").fetchall()
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url`` (normalised by :func:`database_url`); does not connect."""
+    parsed = make_url(database_url(url))
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            parent = Path(database).expanduser().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot create directory {str(parent)!r} for the SQLite database: "
+                    f"{exc.strerror or exc}"
+                ) from exc
+        engine = sa.create_engine(parsed)
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = 10
+    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, connect_args=connect_args)
+
+
+def _first_line(exc: BaseException) -> str:
+    cause: BaseException = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
+def check_connection(engine: Engine) -> None:
+    """Connect once; raise :class:`ConfigurationError` with a one-line reason if that fails."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise ConfigurationError(
+            f"cannot connect to database {_redacted(engine.url)}: {_first_line(exc)}"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One durable record: ``seq`` and ``written_at`` are filled in by the log."""
+
+    tx_id: str
+    kind: str
+    body: bytes
+    seq: int = 0
+    written_at: float = 0.0
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _unique(tx_ids: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(tx_ids))
+
+
+class RecordLog:
+    """Append-only durable log of (tx_id, kind, body) rows in one table."""
+
+    def __init__(self, engine: Engine, table: str) -> None:
+        self.engine = engine
+        self.flushes = 0
+        self.rows_written = 0
+        self._lock = threading.Lock()
+        metadata = sa.MetaData()
+        self.table = sa.Table(
+            table,
+            metadata,
+            sa.Column(
+                "seq",
+                sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+                primary_key=True,
+                autoincrement=True,
+            ),
+            sa.Column("tx_id", sa.String(_TX_ID_MAX), nullable=False, index=True),
+            sa.Column("kind", sa.String(_KIND_MAX), nullable=False),
+            sa.Column("body", sa.LargeBinary(), nullable=False),
+            sa.Column("written_at", sa.Float(), nullable=False),
+        )
+        metadata.create_all(engine, checkfirst=True)
+
+    def append(self, rows: Sequence[LogRow]) -> None:
+        """Write ``rows`` in one transaction; they are durable when this returns."""
+        if not rows:
+            return
+        now = time.time()
+        params = []
+        for row in rows:
+            if not row.tx_id or len(row.tx_id) > _TX_ID_MAX:
+                raise ValueError(f"tx_id must be 1..{_TX_ID_MAX} characters: {row.tx_id!r}")
+            if not row.kind or len(row.kind) > _KIND_MAX:
+                raise ValueError(f"kind must be 1..{_KIND_MAX} characters: {row.kind!r}")
+            params.append(
+                {"tx_id": row.tx_id, "kind": row.kind, "body": bytes(row.body), "written_at": now}
+            )
+        with self.engine.begin() as conn:
+            conn.execute(sa.insert(self.table), params)
+        with self._lock:
+            self.flushes += 1
+            self.rows_written += len(rows)
+
+    @staticmethod
+    def _row(record: Any) -> LogRow:
+        return LogRow(
+            tx_id=record.tx_id,
+            kind=record.kind,
+            body=bytes(record.body),
+            seq=int(record.seq),
+            written_at=float(record.written_at),
+        )
+
+    def _grouped(self, records: Iterable[Any], into: dict[str, list[LogRow]]) -> None:
+        for record in records:
+            into.setdefault(record.tx_id, []).append(self._row(record))
+
+    def rows_for(self, tx_ids: Iterable[str]) -> dict[str, list[LogRow]]:
+        """Rows of the given tx ids, each list ordered by seq; ids without rows are absent."""
+        t = self.table
+        found: dict[str, list[LogRow]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(_unique(tx_ids)):
+                query = sa.select(t).where(t.c.tx_id.in_(chunk)).order_by(t.c.seq)
+                self._grouped(conn.execute(query), found)
+        return found
+
+    def unfinished(self, finished_kinds: Collection[str]) -> dict[str, list[LogRow]]:
+        """All rows of every tx id that has no row whose kind is in ``finished_kinds``.
+
+        Tx ids appear in the order of their first row; each list is ordered by seq.
+        """
+        t = self.table
+        finished = sa.select(t.c.tx_id).where(t.c.kind.in_(list(finished_kinds)))
+        query = sa.select(t).where(t.c.tx_id.not_in(finished)).order_by(t.c.seq)
+        found: dict[str, list[LogRow]] = {}
+        with self.engine.connect() as conn:
+            self._grouped(conn.execute(query), found)
+        return found
+
+    def tx_ids(self, *, limit: int = 1000, offset: int = 0) -> list[str]:
+        """Distinct tx ids, most recent (highest seq) first."""
+        t = self.table
+        query = (
+            sa.select(t.c.tx_id)
+            .group_by(t.c.tx_id)
+            .order_by(sa.func.max(t.c.seq).desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with self.engine.connect() as conn:
+            return [str(tx_id) for tx_id in conn.execute(query).scalars()]
+
+    def prune(self, tx_ids: Iterable[str]) -> int:
+        """Delete every row of these tx ids in one transaction; return the number deleted."""
+        t = self.table
+        ids = _unique(tx_ids)
+        if not ids:
+            return 0
+        deleted = 0
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                deleted += conn.execute(sa.delete(t).where(t.c.tx_id.in_(chunk))).rowcount
+        return deleted
+
+    def prune_finished_before(self, finished_kinds: Collection[str], before: float) -> int:
+        """Delete every row of tx ids having a row of a finished kind written before ``before``.
+
+        ``before`` is in epoch seconds (``time.time()``). Returns the number of rows deleted.
+        """
+        t = self.table
+        if not finished_kinds:
+            return 0
+        done = sa.select(t.c.tx_id).where(
+            t.c.kind.in_(list(finished_kinds)), t.c.written_at < before
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(sa.delete(t).where(t.c.tx_id.in_(done))).rowcount
+
+    def count(self) -> int:
+        """Number of rows in the log."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+            )
