@@ -182,7 +182,10 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             crashpoint("participant.after_commit")
             return ()
         if isinstance(effect, AbortBranch):
-            self.resource.abort(effect.tx_id, self.app.registry.get(effect.operation), effect.args)
+            # An orphan found at recovery (prepared in the resource, never voted YES) comes
+            # without its operation; the resource may remember it.
+            operation = effect.operation or self.resource.stored_operation(effect.tx_id) or ""
+            self.resource.abort(effect.tx_id, self.app.registry.get(operation), effect.args)
             return ()
         return super().perform(effect, now)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import operator
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -20,6 +20,8 @@ from schemas.records import (
     CoordinatorRecord,
     ParticipantRecord,
 )
+
+_T = TypeVar("_T")
 
 
 class DecodeError(Exception):
@@ -41,15 +43,23 @@ _participant_record_decoder: msgspec.json.Decoder[ParticipantRecord] = msgspec.j
 )
 
 
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes) -> _T:
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise DecodeError(raw, str(exc)) from exc
+    except UnicodeDecodeError as exc:  # invalid UTF-8 inside a JSON string
+        raise DecodeError(raw, f"JSON is malformed: {exc}") from exc
+    except RecursionError as exc:  # absurdly deep nesting inside an ``args`` value
+        raise DecodeError(raw, f"JSON is nested too deeply: {exc}") from exc
+
+
 def encode(obj: msgspec.Struct) -> bytes:
     return _encoder.encode(obj)
 
 
 def decode_message(raw: bytes) -> Message:
-    try:
-        message = _message_decoder.decode(raw)
-    except msgspec.DecodeError as exc:  # ValidationError is a subclass
-        raise DecodeError(raw, str(exc)) from exc
+    message = _decode(_message_decoder, raw)
     if message.v != PROTOCOL_VERSION:
         raise DecodeError(
             raw, f"unsupported protocol version {message.v} (this is v{PROTOCOL_VERSION})"
@@ -58,17 +68,11 @@ def decode_message(raw: bytes) -> Message:
 
 
 def decode_coordinator_record(raw: bytes) -> CoordinatorRecord:
-    try:
-        return _coordinator_record_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise DecodeError(raw, str(exc)) from exc
+    return _decode(_coordinator_record_decoder, raw)
 
 
 def decode_participant_record(raw: bytes) -> ParticipantRecord:
-    try:
-        return _participant_record_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise DecodeError(raw, str(exc)) from exc
+    return _decode(_participant_record_decoder, raw)
 
 
 def record_kind(record: msgspec.Struct) -> str:

@@ -21,12 +21,12 @@ ERROR_HEADER = "x-twophase-error"
 #: AMQP header carrying the W3C trace context.
 TRACEPARENT_HEADER = "traceparent"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def is_valid_participant_name(name: str) -> bool:
     """Participant names become queue names, so they are kept to a safe alphabet."""
-    return bool(_NAME.match(name))
+    return _NAME.fullmatch(name) is not None
 
 
 def participant_queue(name: str) -> str:

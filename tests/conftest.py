@@ -1,0 +1,98 @@
+"""Shared fixtures: real RabbitMQ and PostgreSQL, isolated per test.
+
+Each test that needs the broker gets a virtual host of its own (created and deleted with
+``rabbitmqctl``), so the fixed queue names of the topology never collide between tests, nor with a
+demo running on the same broker. A missing server skips the test locally and fails it in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+AMQP_URL = os.environ.get("TWOPHASE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_URL = os.environ.get("TWOPHASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _unavailable(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI")
+    pytest.skip(f"{what} is not available")
+
+
+def _broker_up() -> bool:
+    from twophase.amqp import AmqpChannel, BrokerUnavailable
+
+    try:
+        AmqpChannel(AMQP_URL, connection_name="twophase-test-probe").close()
+    except BrokerUnavailable:
+        return False
+    return True
+
+
+def rabbitmqctl(*args: str) -> str:
+    result = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def broker() -> str:
+    if not _broker_up():
+        _unavailable(f"RabbitMQ at {AMQP_URL}")
+    if shutil.which("rabbitmqctl") is None:
+        _unavailable("rabbitmqctl")
+    return AMQP_URL
+
+
+@pytest.fixture
+def amqp_url(broker: str) -> Iterator[str]:
+    """A fresh virtual host on the test broker, deleted afterwards."""
+    vhost = f"twophase-test-{uuid.uuid4().hex[:10]}"
+    user = urlsplit(broker).username or "guest"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+    parts = urlsplit(broker)
+    yield urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=5) as conn:
+            setting = conn.execute("SHOW max_prepared_transactions").fetchone()
+    except psycopg.OperationalError:
+        _unavailable(f"PostgreSQL at {PG_URL}")
+    if setting is None or int(setting[0]) == 0:
+        _unavailable("PostgreSQL with max_prepared_transactions > 0")
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database on the test server, dropped afterwards (prepared branches included)."""
+    name = f"twophase_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(pg_server)
+    yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        leftovers = conn.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,)
+        ).fetchall()
+        for (gid,) in leftovers:
+            with psycopg.connect(
+                urlunsplit((parts.scheme, parts.netloc, "/" + name, "", "")), autocommit=True
+            ) as other:
+                other.execute(f"ROLLBACK PREPARED '{gid}'")
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,259 @@
+"""ReservationResource on a SQLite file: holds checked at prepare, applied exactly once."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from participant.operations import OperationSpec, Refuse
+from participant.resources import ReservationResource, Resource, ResourceError
+
+ACCOUNTS = "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance BIGINT NOT NULL)"
+HOLDS = "CREATE TABLE holds (hold TEXT PRIMARY KEY, account TEXT NOT NULL, amount BIGINT NOT NULL)"
+
+
+def _prepare(conn: sa.Connection, args: dict[str, Any]) -> None:
+    balance = conn.execute(
+        sa.text("SELECT balance FROM accounts WHERE id = :account"), args
+    ).scalar_one_or_none()
+    if balance is None:
+        raise Refuse(f"no account {args['account']}")
+    held = conn.execute(
+        sa.text("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE account = :account"), args
+    ).scalar_one()
+    if balance - held < args["amount"]:
+        raise Refuse("insufficient funds")
+    conn.execute(sa.text("INSERT INTO holds VALUES (:hold, :account, :amount)"), args)
+
+
+def _on_commit(conn: sa.Connection, args: dict[str, Any]) -> None:
+    conn.execute(
+        sa.text("UPDATE accounts SET balance = balance - :amount WHERE id = :account"), args
+    )
+    conn.execute(sa.text("DELETE FROM holds WHERE hold = :hold"), args)
+
+
+def _on_abort(conn: sa.Connection, args: dict[str, Any]) -> None:
+    conn.execute(sa.text("DELETE FROM holds WHERE hold = :hold"), args)
+
+
+DEBIT = OperationSpec("debit", _prepare, _on_commit, _on_abort)
+
+
+def args(tx: str, amount: int = 30, account: str = "alice") -> dict[str, Any]:
+    return {"hold": tx, "account": account, "amount": amount}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "bank.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(ACCOUNTS)
+        conn.execute(HOLDS)
+        conn.execute("INSERT INTO accounts VALUES ('alice', 100), ('bob', 0)")
+    return path
+
+
+@pytest.fixture
+def opened(db: Path) -> Any:
+    resources: list[ReservationResource] = []
+
+    def open_(participant: str = "bank", url: str | None = None) -> ReservationResource:
+        res = ReservationResource(url or f"sqlite:///{db}")
+        res.bind(participant)
+        resources.append(res)
+        return res
+
+    yield open_
+    for res in resources:
+        res.close()
+
+
+def balance(db: Path, account: str = "alice") -> int:
+    with sqlite3.connect(db) as conn:
+        return int(
+            conn.execute("SELECT balance FROM accounts WHERE id = ?", (account,)).fetchone()[0]
+        )
+
+
+def holds(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM holds").fetchone()[0])
+
+
+def states(db: Path) -> dict[str, str]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT tx_id, state FROM twophase_reservation").fetchall())
+
+
+def test_commit_applies_exactly_once_also_after_restart(db: Path, opened: Any) -> None:
+    res = opened()
+    assert isinstance(res, Resource)
+    res.prepare("tx1", DEBIT, args("tx1"))
+    assert (balance(db), holds(db), states(db)) == (100, 1, {"tx1": "prepared"})
+    res.commit("tx1", DEBIT, args("tx1"))
+    res.commit("tx1", DEBIT, args("tx1"))
+    opened().commit("tx1", DEBIT, args("tx1"))
+    assert (balance(db), holds(db), states(db)) == (70, 0, {"tx1": "committed"})
+    assert res.committed(["tx1", "other"]) == {"tx1"}
+    assert res.prepared() == set()
+
+
+def test_abort_releases_the_hold_once(db: Path, opened: Any) -> None:
+    res = opened()
+    res.prepare("tx1", DEBIT, args("tx1", 80))
+    with pytest.raises(Refuse, match="insufficient funds"):  # the hold counts
+        res.prepare("tx2", DEBIT, args("tx2", 80))
+    res.abort("tx1", DEBIT, args("tx1", 80))
+    res.abort("tx1", DEBIT, args("tx1", 80))
+    opened().abort("tx1", None, {})  # decided already: op not needed
+    res.abort("never-seen", None, {})
+    assert (balance(db), holds(db), states(db)) == (100, 0, {"tx1": "aborted"})
+    res.prepare("tx2", DEBIT, args("tx2", 80))  # the released hold no longer counts
+    assert holds(db) == 1
+
+
+def test_refuse_rolls_back_and_is_reraised(db: Path, opened: Any) -> None:
+    res = opened()
+    with pytest.raises(Refuse) as info:
+        res.prepare("tx1", DEBIT, args("tx1", account="nobody"))
+    assert info.value.reason == "no account nobody"
+    assert (holds(db), states(db), res.prepared()) == (0, {}, set())
+
+
+def test_other_exception_becomes_refuse_and_rolls_back(db: Path, opened: Any) -> None:
+    def boom(conn: sa.Connection, a: dict[str, Any]) -> None:
+        _prepare(conn, a)
+        raise KeyError("missing")
+
+    with pytest.raises(Refuse) as info:
+        opened().prepare("tx1", OperationSpec("boom", boom), args("tx1"))
+    assert info.value.reason == "KeyError: 'missing'"
+    assert (holds(db), states(db)) == (0, {})
+
+
+def test_args_must_be_json(opened: Any) -> None:
+    with pytest.raises(Refuse, match=r"^TypeError: "):
+        opened().prepare("tx1", DEBIT, {"hold": "tx1", "when": object()})
+
+
+def test_prepared_survives_restart_and_hooks_get_stored_args(db: Path, opened: Any) -> None:
+    first = opened()
+    first.prepare("tx1", DEBIT, args("tx1", 25))
+    first.prepare("tx1", DEBIT, args("tx1", 25))  # idempotent: one hold
+    first.close()
+    second = opened()
+    assert second.prepared() == {"tx1"}
+    assert second.committed(["tx1"]) == set()
+    second.commit("tx1", DEBIT, {})  # args come from the reservation row
+    assert (balance(db), holds(db)) == (75, 0)
+    second.prepare("tx1", DEBIT, args("tx1", 25))  # committed: no-op, no new hold
+    assert (balance(db), holds(db), second.prepared()) == (75, 0, set())
+
+
+def test_heuristic_outcomes_raise(opened: Any) -> None:
+    res = opened()
+    with pytest.raises(ResourceError, match="not prepared here"):
+        res.commit("ghost", DEBIT, {})
+    res.prepare("c", DEBIT, args("c", 10))
+    res.commit("c", DEBIT, {})
+    with pytest.raises(ResourceError, match="it is committed"):
+        res.abort("c", DEBIT, {})
+    res.prepare("a", DEBIT, args("a", 10))
+    res.abort("a", DEBIT, {})
+    with pytest.raises(ResourceError, match="it is aborted"):
+        res.commit("a", DEBIT, {})
+    with pytest.raises(Refuse, match="already aborted"):
+        res.prepare("a", DEBIT, args("a", 10))
+    assert res.committed(["c", "a", "ghost"]) == {"c"}
+
+
+def test_unknown_or_wrong_operation_keeps_the_hold(db: Path, opened: Any) -> None:
+    res = opened()
+    res.prepare("tx1", DEBIT, args("tx1"))
+    with pytest.raises(ResourceError, match="needs operation 'debit'"):
+        res.abort("tx1", None, {})
+    with pytest.raises(ResourceError, match="needs operation 'debit'"):
+        res.commit("tx1", OperationSpec("credit", _prepare), {})
+    assert (states(db), holds(db)) == ({"tx1": "prepared"}, 1)
+
+
+def test_failing_hook_leaves_the_transaction_prepared(db: Path, opened: Any) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def flaky(conn: sa.Connection, a: dict[str, Any]) -> None:
+        _on_commit(conn, a)
+        calls.append(a)
+        if len(calls) == 1:
+            raise RuntimeError("disk full")
+
+    res = opened()
+    res.prepare("tx1", DEBIT, args("tx1"))
+    op = OperationSpec("debit", _prepare, flaky, _on_abort)
+    with pytest.raises(RuntimeError):
+        res.commit("tx1", op, {})
+    assert (balance(db), holds(db), res.prepared()) == (100, 1, {"tx1"})
+    res.commit("tx1", op, {})
+    assert (balance(db), holds(db), res.committed(["tx1"])) == (70, 0, {"tx1"})
+
+
+def test_hooks_are_optional(db: Path, opened: Any) -> None:
+    res = opened()
+    bare = OperationSpec("note", lambda conn, a: None)
+    res.prepare("tx1", bare, {})
+    res.prepare("tx2", bare, {})
+    res.commit("tx1", bare, {})
+    res.abort("tx2", bare, {})
+    assert states(db) == {"tx1": "committed", "tx2": "aborted"}
+
+
+def test_participants_share_one_database(opened: Any) -> None:
+    a, b = opened("a"), opened("b")
+    a.prepare("tx1", DEBIT, args("tx1-a", 10))
+    b.prepare("tx1", DEBIT, args("tx1-b", 10))
+    b.prepare("tx2", DEBIT, args("tx2-b", 10))
+    a.commit("tx1", DEBIT, {})
+    assert (a.prepared(), b.prepared()) == (set(), {"tx1", "tx2"})
+    assert (a.committed(["tx1"]), b.committed(["tx1"])) == ({"tx1"}, set())
+
+
+def test_sqlite_connections_are_durable_and_serialized(db: Path, opened: Any) -> None:
+    seen: dict[str, Any] = {}
+
+    def probe(conn: sa.Connection, a: dict[str, Any]) -> None:
+        for pragma in ("journal_mode", "synchronous", "busy_timeout"):
+            seen[pragma] = conn.exec_driver_sql(f"PRAGMA {pragma}").scalar()
+        other = sqlite3.connect(db, timeout=0)
+        try:
+            other.execute("INSERT INTO accounts VALUES ('x', 1)")
+        except sqlite3.OperationalError as exc:
+            seen["other writer"] = str(exc)
+        finally:
+            other.close()
+
+    opened(url=str(db)).prepare("tx1", OperationSpec("probe", probe), {})  # a bare path
+    assert seen == {
+        "journal_mode": "wal",
+        "synchronous": 2,  # FULL
+        "busy_timeout": 10000,
+        "other writer": "database is locked",  # BEGIN IMMEDIATE before the handler's reads
+    }
+
+
+def test_bind_is_required_and_checked(db: Path) -> None:
+    res = ReservationResource(str(db))
+    try:
+        with pytest.raises(ResourceError, match=r"bind\(participant\)"):
+            res.prepare("tx1", DEBIT, args("tx1"))
+        with pytest.raises(ResourceError, match="participant name"):
+            res.bind("")
+        res.bind("bank")
+        res.bind("bank")  # again with the same name: fine
+        with pytest.raises(ResourceError, match="already bound"):
+            res.bind("other")
+    finally:
+        res.close()
