@@ -19,7 +19,7 @@ from coordinator.log import DecisionLog
 from schemas import topology
 from schemas.effects import Send
 from schemas.messages import Prepare
-from schemas.records import CoordinatorRecord
+from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord
 from twophase.amqp import AmqpChannel
 from twophase.driver import BatchDriver, now_ms
 
@@ -31,6 +31,9 @@ class CoordinatorConfig:
     amqp_url: str
     log_url: str
     prefetch: int = 512
+    #: how long finished transactions stay in the log: a resubmitted tx_id is answered from the
+    #: log within this window (and would run as a new transaction after it)
+    retention_s: float = 7 * 24 * 3600.0
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
 
@@ -49,6 +52,8 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         self.decision_log = journal
         self.core = CoordinatorCore(config.settings, started_ms=now_ms())
         self._lookups: list[str] = []
+        self.retention_s = config.retention_s
+        self.every(60.0, self._collect_garbage)
         self.recover()
 
     def recover(self) -> None:
@@ -57,6 +62,12 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         if unfinished:
             log.info("recovering %d unfinished transactions from the log", len(unfinished))
         self._inject(Recovered(unfinished))
+
+    def _collect_garbage(self, now: int) -> None:
+        cutoff = now / 1000 - self.retention_s
+        pruned = self.decision_log.log.prune_finished_before(COORDINATOR_FINISHED_KINDS, cutoff)
+        if pruned:
+            log.info("pruned %d log records of transactions finished before the retention", pruned)
 
     def _inject(self, event: Any) -> None:
         self._injected.append(event)

@@ -14,10 +14,8 @@ bank.start()                          # background thread; or bank.run() in the 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from participant.core import (
@@ -35,14 +33,17 @@ from participant.resources import Resource
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import Heartbeat
-from schemas.records import ParticipantRecord
+from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
+from twophase import config
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
 from twophase.driver import BatchDriver
 
 log = logging.getLogger("twophase.participant")
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+#: done markers (COMPLETED records) outlive the bulky PREPARED records by this factor
+DONE_MARKER_FACTOR = 7
+_PREPARED_KIND = str(BranchPrepared.__struct_config__.tag)
 
 
 class OperationHandle:
@@ -71,19 +72,22 @@ class Participant:
         *,
         amqp_url: str | None = None,
         log_url: str | None = None,
-        heartbeat_interval_s: float = 1.0,
+        heartbeat_interval_s: float | None = None,
         prefetch: int = 256,
+        orphan_after_s: float = 60.0,
+        retention_s: float = 3600.0,
         settings: ParticipantSettings | None = None,
     ) -> None:
         topology.participant_queue(name)  # validates the name
         self.name = name
         self.resource = resource
-        self.amqp_url = amqp_url or os.environ.get("TWOPHASE_AMQP_URL", DEFAULT_AMQP_URL)
-        data_dir = Path(os.environ.get("TWOPHASE_DATA_DIR", ".twophase"))
-        self.log_url = (
-            log_url or os.environ.get("TWOPHASE_LOG_URL") or str(data_dir / f"{name}.log.db")
+        self.amqp_url = config.amqp_url(amqp_url)
+        self.log_url = config.log_url(log_url, name)
+        self.heartbeat_interval_s = heartbeat_interval_s or config.number(
+            None, "TWOPHASE_HEARTBEAT_INTERVAL", 1.0, minimum=0.05
         )
-        self.heartbeat_interval_s = heartbeat_interval_s
+        self.orphan_after_s = orphan_after_s
+        self.retention_s = retention_s
         self.prefetch = prefetch
         self.settings = settings or ParticipantSettings()
         self.registry = OperationRegistry()
@@ -154,7 +158,10 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         super().__init__(channel, journal, queue=queue, max_batch=app.prefetch)
         self.prepare_log = journal
         self.core = ParticipantCore(app.name, app.settings)
-        self._next_heartbeat = 0
+        self.last_orphans: list[tuple[str, float]] = []
+        self.every(app.heartbeat_interval_s, self._heartbeat)
+        self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
+        self.every(60.0, self._collect_garbage)
         self.recover()
 
     def recover(self) -> None:
@@ -208,10 +215,47 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         crashpoint("participant.after_prepare")
         return BranchExecuted(effect.tx_id, ok=True)
 
-    def periodic(self, now: int) -> None:
-        if now < self._next_heartbeat:
-            return
+    def _heartbeat(self, now: int) -> None:
         interval_ms = int(self.app.heartbeat_interval_s * 1000)
-        self._next_heartbeat = now + interval_ms
         beat = Heartbeat(participant=self.app.name, sent_at_ms=now, interval_ms=interval_ms)
         self.publish_now(topology.COORDINATOR_QUEUE, encode(beat))
+
+    def orphans(self, now: int) -> list[tuple[str, float]]:
+        """Undecided branches ``orphan_after_s`` past their deadline, and by how long."""
+        limit_ms = int(self.app.orphan_after_s * 1000)
+        found = []
+        for tx_id in self.core.in_doubt():
+            overdue = now - self.core.branches[tx_id].deadline_ms
+            if overdue > limit_ms:
+                found.append((tx_id, overdue / 1000))
+        return found
+
+    def _watch_orphans(self, now: int) -> None:
+        self.last_orphans = self.orphans(now)
+        for tx_id, overdue in self.last_orphans:
+            log.warning(
+                "%s: branch tx_id=%s is prepared and undecided %.0f s past its deadline; "
+                "the coordinator does not answer its inquiries",
+                self.app.name,
+                tx_id,
+                overdue,
+            )
+
+    def _collect_garbage(self, now: int) -> None:
+        """Drop what finished branches no longer need; keep compact done markers longer."""
+        cutoff = now / 1000 - self.app.retention_s
+        log_table = self.prepare_log.log
+        log_table.prune_finished_before(
+            PARTICIPANT_FINISHED_KINDS, cutoff, only_kinds=[_PREPARED_KIND]
+        )
+        log_table.prune_finished_before(
+            PARTICIPANT_FINISHED_KINDS, cutoff - DONE_MARKER_FACTOR * self.app.retention_s
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "participant": self.app.name,
+            "in_doubt": self.core.in_doubt(),
+            "orphans": [tx for tx, _ in self.last_orphans],
+            "stats": self.stats,
+        }

@@ -24,7 +24,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -99,6 +99,13 @@ class DriverStats:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class _Chore:
+    interval_ms: int
+    run: Callable[[int], None]
+    next_ms: int = 0
+
+
 class BatchDriver(ABC, Generic[R]):
     #: crash point names are "<side>.after_persist" etc.
     side = "driver"
@@ -123,6 +130,7 @@ class BatchDriver(ABC, Generic[R]):
         self._records: list[R] = []
         self._sends: list[Send] = []
         self._injected: deque[Any] = deque()
+        self._chores: list[_Chore] = []
 
     # ---- what a side provides -------------------------------------------------------------
 
@@ -145,8 +153,16 @@ class BatchDriver(ABC, Generic[R]):
         log.warning("unroutable message to %s: %s", send.queue, type(send.message).__name__)
         return ()
 
+    def every(self, interval_s: float, chore: Callable[[int], None]) -> None:
+        """Run ``chore(now_ms)`` on this driver's thread about every ``interval_s`` seconds."""
+        self._chores.append(_Chore(int(interval_s * 1000), chore))
+
     def periodic(self, now: int) -> None:
-        """Called once per loop turn (heartbeats and the like)."""
+        """Called once per loop turn: runs the chores that are due (heartbeats, log GC...)."""
+        for chore in self._chores:
+            if now >= chore.next_ms:
+                chore.next_ms = now + chore.interval_ms
+                chore.run(now)
 
     # ---- the loop -------------------------------------------------------------------------
 

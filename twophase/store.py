@@ -251,10 +251,18 @@ class RecordLog:
                 deleted += conn.execute(sa.delete(t).where(t.c.tx_id.in_(chunk))).rowcount
         return deleted
 
-    def prune_finished_before(self, finished_kinds: Collection[str], before: float) -> int:
+    def prune_finished_before(
+        self,
+        finished_kinds: Collection[str],
+        before: float,
+        *,
+        only_kinds: Collection[str] | None = None,
+    ) -> int:
         """Delete every row of tx ids having a row of a finished kind written before ``before``.
 
-        ``before`` is in epoch seconds (``time.time()``). Returns the number of rows deleted.
+        ``before`` is in epoch seconds (``time.time()``). With ``only_kinds``, only rows of those
+        kinds go (a participant keeps its compact "done" markers longer than the bulky records).
+        Returns the number of rows deleted.
         """
         t = self.table
         if not finished_kinds:
@@ -262,8 +270,11 @@ class RecordLog:
         done = sa.select(t.c.tx_id).where(
             t.c.kind.in_(list(finished_kinds)), t.c.written_at < before
         )
+        condition: sa.ColumnElement[bool] = t.c.tx_id.in_(done)
+        if only_kinds is not None:
+            condition = sa.and_(condition, t.c.kind.in_(list(only_kinds)))
         with self.engine.begin() as conn:
-            return conn.execute(sa.delete(t).where(t.c.tx_id.in_(done))).rowcount
+            return conn.execute(sa.delete(t).where(condition)).rowcount
 
     def count(self) -> int:
         """Number of rows in the log."""
