@@ -86,9 +86,31 @@ class BranchCompleted(_Record, frozen=True, tag="completed"):
     reason: str = ""
 
 
-CoordinatorRecord = TxBegun | TxCommitting | TxAborted | TxEnded
-ParticipantRecord = BranchPrepared | BranchCompleted
+# ---- both logs ------------------------------------------------------------------------------
+
+
+class ManualAction(_Record, frozen=True, tag="manual"):
+    """An operator's action (``twophase tx resolve``), recorded with its reason.
+
+    ``hazard`` is non-empty when the action contradicted, or could not be checked against, the
+    coordinator's decision: a heuristic outcome the operator must reconcile.
+    """
+
+    action: str
+    reason: str
+    operator: str = ""
+    hazard: str = ""
+
+
+CoordinatorRecord = TxBegun | TxCommitting | TxAborted | TxEnded | ManualAction
+ParticipantRecord = BranchPrepared | BranchCompleted | ManualAction
 Record = CoordinatorRecord | ParticipantRecord
 
-COORDINATOR_RECORD_TYPES: tuple[type[Any], ...] = (TxBegun, TxCommitting, TxAborted, TxEnded)
-PARTICIPANT_RECORD_TYPES: tuple[type[Any], ...] = (BranchPrepared, BranchCompleted)
+COORDINATOR_RECORD_TYPES: tuple[type[Any], ...] = (
+    TxBegun,
+    TxCommitting,
+    TxAborted,
+    TxEnded,
+    ManualAction,
+)
+PARTICIPANT_RECORD_TYPES: tuple[type[Any], ...] = (BranchPrepared, BranchCompleted, ManualAction)

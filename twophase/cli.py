@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twophase import config
+from twophase import admin_cli, config
 from twophase.store import ConfigurationError
 
 Command = Callable[[argparse.Namespace], int]
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of the transfers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=_demo)
+
+    admin_cli.add_parser(sub)
     return parser
 
 
