@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -43,6 +44,7 @@ from schemas.effects import (
     TimerKey,
 )
 from schemas.topology import TRACEPARENT_HEADER
+from twophase import selfstats
 from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError
 from twophase.crashpoints import crashpoint
 from twophase.journal import Journal
@@ -131,6 +133,9 @@ class BatchDriver(ABC, Generic[R]):
         self._sends: list[Send] = []
         self._injected: deque[Any] = deque()
         self._chores: list[_Chore] = []
+        stats_file = os.environ.get(selfstats.ENV)
+        if stats_file:
+            self.every(0.5, lambda _now: selfstats.write(stats_file, self.counters()))
 
     # ---- what a side provides -------------------------------------------------------------
 
@@ -152,6 +157,17 @@ class BatchDriver(ABC, Generic[R]):
     def on_unroutable(self, send: Send) -> Iterable[Any]:
         log.warning("unroutable message to %s: %s", send.queue, type(send.message).__name__)
         return ()
+
+    def counters(self) -> dict[str, int]:
+        """What ``twophase bench`` reads: traffic, and forced writes as log transactions."""
+        return {
+            "batches": self.stats.batches,
+            "messages_in": self.stats.messages_in,
+            "messages_out": self.stats.messages_out,
+            "log_flushes": self.journal.flushes,
+            "log_records": self.journal.log.rows_written,
+            "dead_lettered": self.stats.dead_lettered,
+        }
 
     def every(self, interval_s: float, chore: Callable[[int], None]) -> None:
         """Run ``chore(now_ms)`` on this driver's thread about every ``interval_s`` seconds."""
