@@ -74,6 +74,8 @@ class Client:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._channel: AmqpChannel | None = None
+        #: AMQP messages this client published (the benchmark counts them)
+        self.messages_sent = 0
         ready: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._serve, args=(ready, connect_attempts), name="twophase-client", daemon=True
@@ -221,6 +223,7 @@ class Client:
             channel.publish(queue, body)
         if batch:
             channel.wait_for_confirms()
+            self.messages_sent += len(batch)
 
     def _resolve(self, outcome: Outcome) -> None:
         with self._lock:

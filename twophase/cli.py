@@ -71,6 +71,24 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from twophase.bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from twophase.bench import run_bench
+
+    return run_bench(args)
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from twophase.chaos import run_chaos_command
+
+    return run_chaos_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twophase", description="Two-phase commit (presumed abort) over RabbitMQ."
@@ -107,6 +125,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of the transfers")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser("chaos", help="the bank under SIGKILLs, crash points and broker restarts")
+    common(p)
+    p.add_argument("--transfers", type=int, default=300, help="number of transfers (default 300)")
+    p.add_argument("--kills", type=int, default=10, help="random SIGKILLs (default 10)")
+    p.add_argument("--kicks", type=int, default=None, help="connection kicks (default kills/3)")
+    p.add_argument("--concurrency", type=int, default=16, help="transfers in flight (default 16)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of load and faults")
+    p.add_argument("--pg-url", help="PostgreSQL server; a fresh database is made on it")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--no-broker-restart", action="store_true", help="skip the full broker restart"
+    )
+    p.set_defaults(run=_chaos)
+
+    p = sub.add_parser("bench", help="measure throughput and latency, with baselines")
+    _bench_arguments(p)
+    p.set_defaults(run=_bench)
 
     admin_cli.add_parser(sub)
     return parser

@@ -1,0 +1,611 @@
+"""The docker compose demo (compose/) agrees with the code: parsed, never run (no Docker engine).
+
+Checked: the compose file, the Dockerfile, the RabbitMQ definitions (topology, users, permission
+regexes) and the PostgreSQL init script, against ``schemas/topology.py``, the environment
+variables the code reads, the CLI, and the example bank.
+
+The permission checks model what each process declares, binds, consumes and publishes at start
+(``twophase/amqp.py``, ``coordinator/service.py``, ``participant/worker.py``,
+``coordinator/client.py``) with RabbitMQ's access-control table; when those change, change
+``REQUIRED`` below as well.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import uuid
+import warnings
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from schemas import topology
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+DEFINITIONS_FILE = COMPOSE_DIR / "rabbitmq" / "definitions.json"
+RABBITMQ_CONF = COMPOSE_DIR / "rabbitmq" / "rabbitmq.conf"
+INIT_SQL = COMPOSE_DIR / "postgres" / "init.sql"
+SOURCE_PACKAGES = ("twophase", "coordinator", "participant")
+
+#: TWOPHASE_* variables the compose file sets before the code reads them: planned by the
+#: observability work (metrics endpoint, structured logs). Remove a name once the code reads it;
+#: ``test_planned_variables_are_still_planned`` warns when that is the case.
+PLANNED_BY_OBSERVABILITY = frozenset({"TWOPHASE_METRICS_PORT", "TWOPHASE_LOG_FORMAT"})
+
+METRICS_PORT = 9464
+EXPECTED_PORTS = {  # service -> container ports published on the same host port
+    "rabbitmq": {5672, 15672},
+    "jaeger": {16686, 4318},
+    "coordinator": {METRICS_PORT},
+}
+SERVICES = {"rabbitmq", "postgres", "jaeger", "coordinator", "bank-a", "bank-b"}
+INFRASTRUCTURE = ("rabbitmq", "postgres")
+DEFAULT_EXCHANGE = "amq.default"  # how RabbitMQ names "" in permission checks
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+
+@cache
+def compose() -> dict[str, Any]:
+    with COMPOSE_FILE.open() as f:
+        data: dict[str, Any] = yaml.safe_load(f)
+    return data
+
+
+@cache
+def definitions() -> dict[str, Any]:
+    with DEFINITIONS_FILE.open() as f:
+        data: dict[str, Any] = json.load(f)
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose()["services"]
+    return result
+
+
+def env(service: str) -> dict[str, str]:
+    """The service's environment, whether written as a mapping or as a list of NAME=VALUE."""
+    raw = services()[service].get("environment") or {}
+    if isinstance(raw, list):
+        pairs = (item.split("=", 1) for item in raw)
+        return {name: value for name, value in pairs}
+    return {str(k): "" if v is None else str(v) for k, v in raw.items()}
+
+
+def command(service: str) -> list[str]:
+    raw = services()[service].get("command") or []
+    return shlex.split(raw) if isinstance(raw, str) else [str(part) for part in raw]
+
+
+def app_services() -> list[str]:
+    """Services that run the project's image (the ``twophase`` CLI)."""
+    return sorted(name for name, svc in services().items() if "build" in svc)
+
+
+def participant_services() -> list[str]:
+    return [name for name in app_services() if command(name)[:1] == ["participant"]]
+
+
+def published_ports(service: str) -> dict[int, int]:
+    """container port -> host port, from the short syntax [IP:]HOST:CONTAINER[/PROTO]."""
+    result: dict[int, int] = {}
+    for entry in services()[service].get("ports") or []:
+        if isinstance(entry, dict):
+            target = int(entry["target"])
+            result[target] = int(entry.get("published") or target)
+            continue
+        spec = str(entry).split("/", 1)[0]
+        parts = spec.rsplit(":", 2)
+        container = int(parts[-1])
+        result[container] = int(parts[-2]) if len(parts) >= 2 else container
+    return result
+
+
+def mounts(service: str) -> dict[Path, str]:
+    """Bind mounts of local files: resolved source -> target path in the container."""
+    result: dict[Path, str] = {}
+    for entry in services()[service].get("volumes") or []:
+        source, target = str(entry).split(":")[:2]
+        if source.startswith((".", "/")):
+            result[(COMPOSE_DIR / source).resolve()] = target
+    return result
+
+
+def users() -> dict[str, dict[str, Any]]:
+    return {u["name"]: u for u in definitions()["users"]}
+
+
+def permissions(user: str, vhost: str = "/") -> dict[str, str]:
+    found = [p for p in definitions()["permissions"] if p["user"] == user and p["vhost"] == vhost]
+    assert len(found) == 1, f"expected one permission entry for {user!r} on vhost {vhost!r}"
+    return {kind: str(found[0][kind]) for kind in ("configure", "write", "read")}
+
+
+def allowed(regex: str, name: str) -> bool:
+    """RabbitMQ matches a permission regex anywhere in the name (re:run), '' meaning '^$'."""
+    return re.search(regex or "^$", name) is not None
+
+
+def amqp_user(url: str) -> tuple[str, str, str]:
+    """(user, password, vhost) of an AMQP URL, the way pika reads it."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return unquote(parts.username or ""), unquote(parts.password or ""), vhost
+
+
+# ---- the variables the code reads ---------------------------------------------------------------
+
+
+@cache
+def string_literals() -> frozenset[str]:
+    """Every string constant in the Python sources of the runtime packages."""
+    found: set[str] = set()
+    for package in SOURCE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+            found.update(
+                node.value
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            )
+    return frozenset(found)
+
+
+def twophase_variables() -> Iterator[tuple[str, str]]:
+    for service in services():
+        for name in env(service):
+            if name.startswith("TWOPHASE_"):
+                yield service, name
+
+
+# ---- the compose file -----------------------------------------------------------------------
+
+
+def test_compose_file_parses_and_has_the_services() -> None:
+    assert isinstance(compose(), dict)
+    assert set(services()) >= SERVICES
+    assert set(app_services()) == {"coordinator", "bank-a", "bank-b"}
+
+
+def test_every_service_has_an_image_or_a_buildable_dockerfile() -> None:
+    for name, svc in services().items():
+        assert "image" in svc or "build" in svc, name
+        if "image" in svc:
+            assert re.fullmatch(r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9._-]+)?", svc["image"]), name
+        build = svc.get("build")
+        if build is None:
+            continue
+        if isinstance(build, str):
+            build = {"context": build}
+        context = (COMPOSE_DIR / build.get("context", ".")).resolve()
+        dockerfile = context / build.get("dockerfile", "Dockerfile")
+        assert dockerfile.is_file(), f"{name}: no {dockerfile}"
+        assert context == ROOT, f"{name}: the image is built from the repository root"
+
+
+def test_dockerfile() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    froms = [line.split()[1] for line in instructions if line.upper().startswith("FROM ")]
+    assert froms and all(image == "python:3.11-slim" for image in froms)
+    assert any(re.search(r"pip install \.$", line) for line in instructions)
+    assert instructions.count('ENTRYPOINT ["twophase"]') == 1
+    users_set = [line.split()[1] for line in instructions if line.upper().startswith("USER ")]
+    assert users_set and users_set[-1].split(":")[0] not in ("root", "0"), "must run as non-root"
+    for line in instructions:  # everything COPY'd from the context exists
+        if line.upper().startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_dockerignore_keeps_what_the_build_needs() -> None:
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    needed = {"pyproject.toml", "README.md", "schemas", "coordinator", "participant", "twophase"}
+    assert not ignored & needed
+    assert {".git", "tests"} <= ignored
+
+
+def test_app_commands_are_valid_cli_invocations() -> None:
+    from twophase.cli import build_parser
+
+    parser = build_parser()
+    assert command("coordinator") == ["coordinator"]
+    for name in participant_services():
+        args = parser.parse_args(command(name))
+        module_name, _, attribute = args.app.partition(":")
+        module = __import__(module_name, fromlist=[attribute])
+        assert callable(getattr(module, attribute)), f"{name}: --app {args.app}"
+    for name in app_services():
+        parser.parse_args(command(name))
+
+
+def test_twophase_variables_are_read_by_the_code() -> None:
+    literals = string_literals()
+    unknown = sorted(
+        f"{service}: {name}"
+        for service, name in twophase_variables()
+        if name not in literals and name not in PLANNED_BY_OBSERVABILITY
+    )
+    assert not unknown, f"set in compose but read nowhere in {SOURCE_PACKAGES}: {unknown}"
+
+
+def test_planned_variables_are_still_planned() -> None:
+    for name in sorted(PLANNED_BY_OBSERVABILITY & string_literals()):
+        warnings.warn(
+            f"{name} is read by the code now: remove it from PLANNED_BY_OBSERVABILITY",
+            stacklevel=1,
+        )
+
+
+def test_infrastructure_is_healthy_before_the_services_start() -> None:
+    for name in INFRASTRUCTURE:
+        assert services()[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    for name in app_services():
+        depends = services()[name].get("depends_on") or {}
+        assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
+        for needed in INFRASTRUCTURE:
+            assert depends.get(needed, {}).get("condition") == "service_healthy", (name, needed)
+        for other, spec in depends.items():
+            assert other in services(), f"{name} depends on unknown {other}"
+            if spec.get("condition") == "service_healthy":
+                assert services()[other].get("healthcheck"), f"{other} has no healthcheck"
+
+
+def test_ports_are_the_defaults() -> None:
+    for name, ports in EXPECTED_PORTS.items():
+        published = published_ports(name)
+        for port in ports:
+            assert published.get(port) == port, f"{name}: {port} is not published as {port}"
+    assert env("coordinator")["TWOPHASE_METRICS_PORT"] == str(METRICS_PORT)
+    for name in app_services():  # a metrics port that is set is published
+        metrics_port = env(name).get("TWOPHASE_METRICS_PORT")
+        if metrics_port is not None:
+            assert int(metrics_port) in published_ports(name), name
+
+
+def test_postgres_allows_prepared_transactions() -> None:
+    assert services()["postgres"]["image"].startswith("postgres:15")
+    cmd = command("postgres")
+    settings = dict(cmd[i + 1].split("=", 1) for i, part in enumerate(cmd) if part == "-c")
+    assert int(settings["max_prepared_transactions"]) > 0
+    assert mounts("postgres").get(INIT_SQL.resolve(), "").startswith("/docker-entrypoint-initdb.d/")
+
+
+def test_tracing_goes_to_jaeger_over_otlp_http() -> None:
+    jaeger = services()["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one")
+    assert str(env("jaeger").get("COLLECTOR_OTLP_ENABLED")).lower() == "true"
+    names = []
+    for name in app_services():
+        variables = env(name)
+        endpoint = urlsplit(variables["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "jaeger", 4318)
+        assert variables.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
+        names.append(variables["OTEL_SERVICE_NAME"])
+    assert len(set(names)) == len(names), "every service needs its own OTEL_SERVICE_NAME"
+
+
+def test_log_format_values() -> None:
+    for name in app_services():
+        assert env(name).get("TWOPHASE_LOG_FORMAT", "text") in ("json", "text"), name
+
+
+# ---- RabbitMQ: topology -----------------------------------------------------------------------
+
+
+def test_rabbitmq_loads_the_definitions() -> None:
+    targets = mounts("rabbitmq")
+    conf_target = targets[RABBITMQ_CONF.resolve()]
+    assert conf_target.startswith("/etc/rabbitmq/") and conf_target.endswith(".conf")
+    conf = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (
+            line.partition("=")
+            for line in RABBITMQ_CONF.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        )
+    )
+    assert conf["load_definitions"] == targets[DEFINITIONS_FILE.resolve()]
+    assert services()["rabbitmq"]["image"].startswith("rabbitmq:3.13-management")
+
+
+def test_definitions_vhost() -> None:
+    assert [v["name"] for v in definitions()["vhosts"]] == ["/"]
+    for kind in ("exchanges", "queues", "bindings", "permissions"):
+        assert all(item["vhost"] == "/" for item in definitions()[kind]), kind
+
+
+def test_exchanges_match_the_topology() -> None:
+    exchanges = {e["name"]: e for e in definitions()["exchanges"]}
+    assert set(exchanges) == {topology.EXCHANGE, topology.DEAD_LETTER_EXCHANGE}
+    assert exchanges[topology.EXCHANGE]["type"] == "direct"
+    assert exchanges[topology.DEAD_LETTER_EXCHANGE]["type"] == "fanout"
+    for exchange in exchanges.values():  # as twophase/amqp.py declares them
+        assert exchange["durable"] is True
+        assert exchange["auto_delete"] is False
+        assert exchange["internal"] is False
+        assert exchange["arguments"] == {}
+
+
+def test_queues_match_the_topology() -> None:
+    queues = {q["name"]: q for q in definitions()["queues"]}
+    expected_participants = {
+        topology.participant_queue(env(name)["TWOPHASE_PARTICIPANT_NAME"])
+        for name in participant_services()
+    }
+    assert set(queues) == {
+        topology.DEAD_LETTER_QUEUE,
+        topology.COORDINATOR_QUEUE,
+        *expected_participants,
+    }
+    for queue in queues.values():
+        assert queue["durable"] is True and queue["auto_delete"] is False, queue["name"]
+        assert not queue["name"].startswith(topology.CLIENT_QUEUE_PREFIX)
+    # twophase/amqp.py declares the dead-letter queue without arguments, the others with these.
+    assert queues[topology.DEAD_LETTER_QUEUE]["arguments"] == {}
+    for name in queues.keys() - {topology.DEAD_LETTER_QUEUE}:
+        assert queues[name]["arguments"] == topology.durable_queue_arguments(), name
+
+
+def test_bindings_match_the_topology() -> None:
+    bindings = {
+        (b["source"], b["destination"], b["routing_key"])
+        for b in definitions()["bindings"]
+        if b["destination_type"] == "queue"
+    }
+    queues = {q["name"] for q in definitions()["queues"]}
+    expected = {(topology.DEAD_LETTER_EXCHANGE, topology.DEAD_LETTER_QUEUE, "")} | {
+        (topology.EXCHANGE, queue, queue) for queue in queues - {topology.DEAD_LETTER_QUEUE}
+    }
+    assert bindings == expected
+    assert all(b["arguments"] == {} for b in definitions()["bindings"])
+
+
+def test_each_participant_service_has_its_queue() -> None:
+    queues = {q["name"] for q in definitions()["queues"]}
+    assert participant_services() == ["bank-a", "bank-b"]
+    for name in participant_services():
+        participant = env(name)["TWOPHASE_PARTICIPANT_NAME"]
+        assert topology.participant_queue(participant) in queues, name
+
+
+# ---- RabbitMQ: users and permissions -----------------------------------------------------------
+
+
+def test_each_service_uses_its_own_rabbitmq_user() -> None:
+    seen: dict[str, str] = {}
+    for name in app_services():
+        url = env(name)["TWOPHASE_AMQP_URL"]
+        parts = urlsplit(url)
+        assert (parts.scheme, parts.hostname, parts.port) == ("amqp", "rabbitmq", 5672), name
+        user, password, vhost = amqp_user(url)
+        assert user in users(), f"{name}: no RabbitMQ user {user!r} in definitions.json"
+        assert users()[user].get("password") == password, f"{name}: password of {user!r}"
+        assert "administrator" not in str(users()[user].get("tags", "")), name
+        permissions(user, vhost)
+        assert user not in seen, f"{name} shares user {user!r} with {seen.get(user)}"
+        seen[user] = name
+    assert seen["coordinator"] == "coordinator"
+    for name in participant_services():
+        assert seen[env(name)["TWOPHASE_PARTICIPANT_NAME"]] == name
+
+
+def test_every_user_has_a_password_and_tags() -> None:
+    for user in definitions()["users"]:
+        assert user.get("password") or user.get("password_hash"), user["name"]
+        assert "tags" in user, user["name"]
+    assert "guest" not in users(), "no default user: every process has its own"
+    assert {"coordinator", "client", "admin"} <= set(users())
+
+
+def _shared() -> list[tuple[str, str]]:
+    """What every AmqpChannel connect needs: declare both exchanges and the dead-letter queue,
+    bind the dead-letter queue to the dead-letter exchange."""
+    return [
+        ("configure", topology.EXCHANGE),
+        ("configure", topology.DEAD_LETTER_EXCHANGE),
+        ("configure", topology.DEAD_LETTER_QUEUE),
+        ("write", topology.DEAD_LETTER_QUEUE),
+        ("read", topology.DEAD_LETTER_EXCHANGE),
+    ]
+
+
+def _declare_and_bind(queue: str) -> list[tuple[str, str]]:
+    # The x-dead-letter-exchange declare checks read on the queue and write on the DLX only when
+    # the queue is new; the definitions create the durable queues at boot.
+    return [("configure", queue), ("write", queue), ("read", topology.EXCHANGE)]
+
+
+def _consume(queue: str) -> list[tuple[str, str]]:
+    return [("read", queue)]
+
+
+def _publish(exchange: str) -> list[tuple[str, str]]:
+    return [("write", exchange)]
+
+
+def required(user: str) -> list[tuple[str, str]]:
+    """(permission, resource name) the user's process needs with the code as written."""
+    if user == "coordinator":
+        queue = topology.COORDINATOR_QUEUE
+        return [
+            *_shared(),
+            *_declare_and_bind(queue),
+            *_consume(queue),
+            *_publish(topology.EXCHANGE),
+            *_publish(topology.DEAD_LETTER_EXCHANGE),  # undecodable messages
+        ]
+    if user == "client":
+        queue = topology.client_queue(uuid.uuid4().hex)
+        return [
+            *_shared(),
+            *_declare_and_bind(topology.COORDINATOR_QUEUE),
+            *_declare_and_bind(queue),
+            *_consume(queue),
+            *_publish(topology.EXCHANGE),
+        ]
+    queue = topology.participant_queue(user)
+    return [
+        *_shared(),
+        *_declare_and_bind(queue),
+        *_declare_and_bind(topology.COORDINATOR_QUEUE),
+        *_consume(queue),
+        *_publish(topology.EXCHANGE),
+        *_publish(topology.DEAD_LETTER_EXCHANGE),
+    ]
+
+
+def protocol_users() -> list[str]:
+    participants = [env(name)["TWOPHASE_PARTICIPANT_NAME"] for name in participant_services()]
+    return ["coordinator", "client", *participants]
+
+
+@pytest.mark.parametrize("user", ["coordinator", "client", "bank-a", "bank-b"])
+def test_permissions_grant_what_the_code_needs(user: str) -> None:
+    granted = permissions(user)
+    missing = [(perm, name) for perm, name in required(user) if not allowed(granted[perm], name)]
+    assert not missing, f"{user} would be refused: {missing}"
+
+
+def _others(user: str) -> list[str]:
+    """Queues ``user`` has no business with, including names that extend its own."""
+    participants = [u for u in protocol_users() if u not in ("coordinator", "client")]
+    queues = [topology.participant_queue(p) for p in participants if p != user]
+    queues += [topology.participant_queue("bank-c"), topology.DEAD_LETTER_QUEUE]
+    queues += [name + "x" for name in (topology.COORDINATOR_QUEUE, topology.EXCHANGE)]
+    if user != "coordinator":
+        queues.append(topology.COORDINATOR_QUEUE)
+    if user not in ("coordinator", "client"):
+        queues.append(topology.participant_queue(user) + "2")
+    if user != "client":
+        queues.append(topology.client_queue(uuid.uuid4().hex))
+    return queues
+
+
+@pytest.mark.parametrize("user", ["coordinator", "client", "bank-a", "bank-b"])
+def test_permissions_are_least_privilege(user: str) -> None:
+    granted = permissions(user)
+    for name in _others(user):
+        assert not allowed(granted["read"], name), f"{user} may consume {name}"
+    for name in _others(user):
+        if name in (topology.COORDINATOR_QUEUE, topology.DEAD_LETTER_QUEUE):
+            continue  # re-declared (and re-bound) by every process: see compose/README.md
+        assert not allowed(granted["configure"], name), f"{user} may configure {name}"
+        assert not allowed(granted["write"], name), f"{user} may bind {name}"
+    # Publishing is checked on the exchange: nobody may use the default exchange (which reaches
+    # any queue by name) nor an exchange other than the topology's.
+    for exchange in (DEFAULT_EXCHANGE, "amq.direct", "amq.topic", "twophase.other"):
+        assert not allowed(granted["write"], exchange), f"{user} may publish to {exchange}"
+
+
+def test_participant_reads_only_its_own_queue() -> None:
+    coordinator_queue = topology.COORDINATOR_QUEUE
+    for name in participant_services():
+        participant = env(name)["TWOPHASE_PARTICIPANT_NAME"]
+        read = permissions(amqp_user(env(name)["TWOPHASE_AMQP_URL"])[0])["read"]
+        assert allowed(read, topology.participant_queue(participant))
+        assert not allowed(read, coordinator_queue)
+        for other in participant_services():
+            if other != name:
+                other_queue = topology.participant_queue(env(other)["TWOPHASE_PARTICIPANT_NAME"])
+                assert not allowed(read, other_queue), f"{name} may read {other_queue}"
+
+
+def test_coordinator_reads_only_its_own_queue() -> None:
+    read = permissions("coordinator")["read"]
+    assert allowed(read, topology.COORDINATOR_QUEUE)
+    for name in participant_services():
+        queue = topology.participant_queue(env(name)["TWOPHASE_PARTICIPANT_NAME"])
+        assert not allowed(read, queue)
+
+
+def test_no_topic_permissions_on_a_direct_exchange() -> None:
+    assert definitions().get("topic_permissions", []) == []
+
+
+# ---- PostgreSQL -------------------------------------------------------------------------------
+
+
+@cache
+def init_sql() -> str:
+    return INIT_SQL.read_text()
+
+
+def sql_roles() -> dict[str, str]:
+    return dict(re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD '([^']*)'", init_sql()))
+
+
+def sql_databases() -> dict[str, str]:
+    return dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+)", init_sql()))
+
+
+def sql_tables() -> dict[str, set[str]]:
+    """database -> tables created in it after its \\connect."""
+    tables: dict[str, set[str]] = {}
+    for section in re.split(r"^\\connect\s+", init_sql(), flags=re.MULTILINE)[1:]:
+        database = section.split()[0]
+        tables[database] = set(re.findall(r"CREATE TABLE (\w+)", section))
+    return tables
+
+
+def postgres_urls() -> Iterator[tuple[str, str, str]]:
+    for name in app_services():
+        for variable in ("TWOPHASE_LOG_URL", "TWOPHASE_BANK_DB"):
+            value = env(name).get(variable, "")
+            if value.startswith(("postgresql://", "postgres://")):
+                yield name, variable, value
+
+
+def test_postgres_urls_match_init_sql() -> None:
+    roles, databases = sql_roles(), sql_databases()
+    assert set(databases.values()) <= set(roles)
+    assert list(postgres_urls())
+    for name, variable, url in postgres_urls():
+        parts = urlsplit(url)
+        assert (parts.hostname, parts.port) == ("postgres", 5432), (name, variable)
+        database = parts.path.lstrip("/")
+        assert database in databases, f"{name} {variable}: no database {database!r} in init.sql"
+        assert parts.username == databases[database], f"{name}: connect as the database owner"
+        assert roles[parts.username] == unquote(parts.password or ""), f"{name}: password"
+
+
+def test_coordinator_log_is_in_postgres() -> None:
+    url = env("coordinator")["TWOPHASE_LOG_URL"]
+    assert url.startswith("postgresql://")
+
+
+def test_banks_have_their_accounts() -> None:
+    from twophase.bank import RESOURCE_KINDS, table_name
+
+    resources = set()
+    for name in participant_services():
+        variables = env(name)
+        assert variables["TWOPHASE_BANK_RESOURCE"] in RESOURCE_KINDS
+        resources.add(variables["TWOPHASE_BANK_RESOURCE"])
+        bank_db = variables["TWOPHASE_BANK_DB"]
+        if not bank_db.startswith("postgresql://"):
+            continue
+        database = urlsplit(bank_db).path.lstrip("/")
+        table = table_name(variables["TWOPHASE_PARTICIPANT_NAME"])
+        assert table in sql_tables().get(database, set()), f"{name}: no {table} in {database}"
+    assert env("bank-a")["TWOPHASE_BANK_RESOURCE"] == "postgres"
+    assert resources == set(RESOURCE_KINDS), "the demo shows both resource kinds"
