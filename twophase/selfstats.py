@@ -18,7 +18,19 @@ ENV = "TWOPHASE_STATS_FILE"
 def usage() -> dict[str, float]:
     """CPU seconds (user + system) and peak RSS in MiB of this process."""
     self = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": self.ru_utime + self.ru_stime, "peak_rss_mib": self.ru_maxrss / 1024}
+    return {"cpu_s": self.ru_utime + self.ru_stime, "peak_rss_mib": _peak_rss_mib(self)}
+
+
+def _peak_rss_mib(self: resource.struct_rusage) -> float:
+    # ru_maxrss survives execve on Linux, so a child would report its parent's peak;
+    # VmHWM belongs to this process image alone.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return self.ru_maxrss / 1024
 
 
 def write(path: str, counters: dict[str, Any]) -> None:
