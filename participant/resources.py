@@ -25,7 +25,7 @@ import contextlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +44,12 @@ _T = TypeVar("_T")
 _Conn = psycopg.Connection[tuple[Any, ...]]
 
 
+#: (tx_id, operation, args) of one branch to prepare
+Branch = tuple[str, OperationSpec, dict[str, Any]]
+#: (tx_id, operation or None, args, commit?) of one branch to finish
+Finish = tuple[str, OperationSpec | None, dict[str, Any], bool]
+
+
 class ResourceError(Exception):
     """The resource is misconfigured or hit a heuristic outcome; the message says what to fix."""
 
@@ -59,6 +65,8 @@ class Resource(Protocol):
     def prepared(self) -> set[str]: ...
     def committed(self, tx_ids: Iterable[str]) -> set[str]: ...
     def stored_operation(self, tx_id: str) -> str | None: ...
+    def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]: ...
+    def finish_many(self, branches: Sequence[Finish]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -85,6 +93,11 @@ def check_max_prepared_transactions(url: str, setting: str | int) -> None:
 
 def _refusal(exc: Exception) -> Refuse:
     return Refuse(f"{type(exc).__name__}: {exc}")
+
+
+def _caused(refusal: Refuse, cause: Exception) -> Refuse:
+    refusal.__cause__ = cause
+    return refusal
 
 
 def _discard(conn: _Conn) -> None:
@@ -211,6 +224,22 @@ class PostgresResource:
     def stored_operation(self, tx_id: str) -> str | None:
         """A native branch rolls back without the operation's help: it is never needed."""
         return None
+
+    def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
+        """Each native branch is its own PREPARE TRANSACTION: they go one by one."""
+        results: list[Refuse | None] = []
+        for tx_id, op, args in branches:
+            try:
+                self.prepare(tx_id, op, args)
+            except Refuse as refusal:
+                results.append(refusal)
+            else:
+                results.append(None)
+        return results
+
+    def finish_many(self, branches: Sequence[Finish]) -> None:
+        for tx_id, _op, _args, commit in branches:
+            self._decide(tx_id, commit=commit)
 
     def close(self) -> None:
         self._closed = True
@@ -366,31 +395,64 @@ class ReservationResource:
         self._participant = participant
 
     def prepare(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
+        refusal = self.prepare_many([(tx_id, op, args)])[0]
+        if refusal is not None:
+            raise refusal
+
+    def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
+        """Prepare a batch in ONE local transaction, each branch in a savepoint of its own.
+
+        One durable commit for the batch instead of one per branch; a refused branch rolls back
+        its savepoint only. Returns, per branch, its refusal or None.
+        """
+        self._bound()  # a misconfiguration, not a NO vote
+        results: list[Refuse | None] = []
+        try:
+            with self._engine.connect() as conn, conn.begin() as trans:
+                for tx_id, op, args in branches:
+                    results.append(self._prepare_one(conn, trans, tx_id, op, args))
+        except Refuse as refusal:  # the transaction as a whole failed (e.g. a handler ended it)
+            return [refusal] * len(branches)
+        except Exception as exc:
+            return [_caused(_refusal(exc), exc)] * len(branches)
+        return results
+
+    def _prepare_one(
+        self,
+        conn: sa.Connection,
+        trans: sa.RootTransaction,
+        tx_id: str,
+        op: OperationSpec,
+        args: dict[str, Any],
+    ) -> Refuse | None:
         key = self._key(tx_id)
+        row = conn.execute(sa.select(_reservations.c.state).where(key)).first()
+        if row is not None and row.state == "aborted":
+            return Refuse(f"transaction {tx_id} is already aborted")
+        if row is not None:
+            return None  # already prepared (or committed)
+        savepoint = conn.begin_nested()
         try:
             payload = json.dumps(args, sort_keys=True, allow_nan=False)
-            with self._engine.connect() as conn, conn.begin() as trans:
-                row = conn.execute(sa.select(_reservations.c.state).where(key)).first()
-                if row is not None and row.state == "aborted":
-                    raise Refuse(f"transaction {tx_id} is already aborted")
-                if row is not None:
-                    return  # already prepared (or committed)
-                op.prepare(conn, args)
-                if not trans.is_active:
-                    raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
-                conn.execute(
-                    sa.insert(_reservations).values(
-                        participant=self._participant,
-                        tx_id=tx_id,
-                        operation=op.name,
-                        state="prepared",
-                        args=payload,
-                    )
+            op.prepare(conn, args)
+            if not trans.is_active:
+                raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+            conn.execute(
+                sa.insert(_reservations).values(
+                    participant=self._participant,
+                    tx_id=tx_id,
+                    operation=op.name,
+                    state="prepared",
+                    args=payload,
                 )
-        except Refuse:
-            raise
+            )
         except Exception as exc:
-            raise _refusal(exc) from exc
+            if not trans.is_active:
+                raise
+            savepoint.rollback()
+            return exc if isinstance(exc, Refuse) else _caused(_refusal(exc), exc)
+        savepoint.commit()
+        return None
 
     def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
         self._decide(tx_id, op, "committed")
@@ -433,29 +495,54 @@ class ReservationResource:
         t = _reservations
         return sa.and_(t.c.participant == self._bound(), t.c.tx_id == tx_id)
 
+    def finish_many(self, branches: Sequence[Finish]) -> None:
+        """Commit or abort a batch in ONE local transaction, each branch in a savepoint.
+
+        A hook that raises leaves its branch prepared while the others go through; the first
+        such error is raised after the batch is durable.
+        """
+        failures: list[Exception] = []
+        with self._engine.begin() as conn:
+            for tx_id, op, _args, commit in branches:
+                savepoint = conn.begin_nested()
+                try:
+                    self._decide_in(conn, tx_id, op, "committed" if commit else "aborted")
+                except Exception as exc:
+                    savepoint.rollback()
+                    failures.append(exc)
+                else:
+                    savepoint.commit()
+        if failures:
+            raise failures[0]
+
     def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:
+        with self._engine.begin() as conn:
+            self._decide_in(conn, tx_id, op, outcome)
+
+    def _decide_in(
+        self, conn: sa.Connection, tx_id: str, op: OperationSpec | None, outcome: str
+    ) -> None:
         key, t = self._key(tx_id), _reservations
         verb = "commit" if outcome == "committed" else "abort"
-        with self._engine.begin() as conn:
-            updated = conn.execute(
-                sa.update(t)
-                .where(key, t.c.state == "prepared")
-                .values(state=outcome, decided_at=sa.func.now())
-            ).rowcount
-            row = conn.execute(sa.select(t.c.state, t.c.operation, t.c.args).where(key)).first()
-            if updated != 1 or row is None:
-                state = None if row is None else row.state
-                if state == outcome or (state is None and outcome == "aborted"):
-                    return  # done before, or an abort of a transaction never prepared here
-                raise ResourceError(
-                    f"cannot {verb} {tx_id!r} of participant {self._participant!r}: it is"
-                    f" {state or 'not prepared here'} (heuristic hazard); resolve it manually"
-                )
-            if op is None or op.name != row.operation:
-                raise ResourceError(
-                    f"cannot {verb} {tx_id!r}: it needs operation {row.operation!r}, got"
-                    f" {None if op is None else op.name!r}; register that operation"
-                )
-            hook = op.on_commit if outcome == "committed" else op.on_abort
-            if hook is not None:
-                hook(conn, json.loads(row.args))
+        updated = conn.execute(
+            sa.update(t)
+            .where(key, t.c.state == "prepared")
+            .values(state=outcome, decided_at=sa.func.now())
+        ).rowcount
+        row = conn.execute(sa.select(t.c.state, t.c.operation, t.c.args).where(key)).first()
+        if updated != 1 or row is None:
+            state = None if row is None else row.state
+            if state == outcome or (state is None and outcome == "aborted"):
+                return  # done before, or an abort of a transaction never prepared here
+            raise ResourceError(
+                f"cannot {verb} {tx_id!r} of participant {self._participant!r}: it is"
+                f" {state or 'not prepared here'} (heuristic hazard); resolve it manually"
+            )
+        if op is None or op.name != row.operation:
+            raise ResourceError(
+                f"cannot {verb} {tx_id!r}: it needs operation {row.operation!r}, got"
+                f" {None if op is None else op.name!r}; register that operation"
+            )
+        hook = op.on_commit if outcome == "committed" else op.on_abort
+        if hook is not None:
+            hook(conn, json.loads(row.args))

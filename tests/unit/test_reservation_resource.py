@@ -257,3 +257,53 @@ def test_bind_is_required_and_checked(db: Path) -> None:
             res.bind("other")
     finally:
         res.close()
+
+
+def holds(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT hold FROM holds ORDER BY hold")]
+
+
+def test_a_batch_prepares_in_one_transaction_and_a_refusal_undoes_only_its_own_branch(
+    opened: Any, db: Path
+) -> None:
+    res = opened()
+    results = res.prepare_many(
+        [
+            ("t1", DEBIT, args("t1", 40)),
+            ("t2", DEBIT, args("t2", 70)),
+            ("t3", DEBIT, args("t3", 60)),
+        ]
+    )
+    # t2 sees t1's hold in the same transaction: 100 - 40 < 70
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], Refuse) and results[1].reason == "insufficient funds"
+    assert holds(db) == ["t1", "t3"]
+    assert res.prepared() == {"t1", "t3"}
+
+
+def test_a_batch_finishes_in_one_transaction_exactly_once(opened: Any, db: Path) -> None:
+    res = opened()
+    res.prepare_many([("t1", DEBIT, args("t1", 10)), ("t2", DEBIT, args("t2", 20))])
+    batch = [("t1", DEBIT, args("t1"), True), ("t2", DEBIT, args("t2"), False)]
+    res.finish_many(batch)
+    res.finish_many(batch)  # a redelivered batch changes nothing
+    assert balance(db) == 90
+    assert holds(db) == []
+    assert res.committed(["t1", "t2"]) == {"t1"}
+
+
+def test_a_failing_hook_leaves_its_branch_prepared_and_lets_the_others_finish(
+    opened: Any, db: Path
+) -> None:
+    def broken(conn: sa.Connection, args: dict[str, Any]) -> None:
+        raise RuntimeError("hook is broken")
+
+    broken_debit = OperationSpec("debit", _prepare, broken, _on_abort)
+    res = opened()
+    res.prepare_many([("t1", DEBIT, args("t1", 10)), ("t2", DEBIT, args("t2", 20))])
+    with pytest.raises(RuntimeError, match="hook is broken"):
+        res.finish_many([("t1", broken_debit, args("t1"), True), ("t2", DEBIT, args("t2"), True)])
+    assert res.prepared() == {"t1"}
+    assert res.committed(["t1", "t2"]) == {"t2"}
+    assert balance(db) == 80
