@@ -259,7 +259,7 @@ def test_bind_is_required_and_checked(db: Path) -> None:
         res.close()
 
 
-def holds(db: Path) -> list[str]:
+def hold_ids(db: Path) -> list[str]:
     with sqlite3.connect(db) as conn:
         return [r[0] for r in conn.execute("SELECT hold FROM holds ORDER BY hold")]
 
@@ -278,7 +278,7 @@ def test_a_batch_prepares_in_one_transaction_and_a_refusal_undoes_only_its_own_b
     # t2 sees t1's hold in the same transaction: 100 - 40 < 70
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], Refuse) and results[1].reason == "insufficient funds"
-    assert holds(db) == ["t1", "t3"]
+    assert hold_ids(db) == ["t1", "t3"]
     assert res.prepared() == {"t1", "t3"}
 
 
@@ -289,7 +289,7 @@ def test_a_batch_finishes_in_one_transaction_exactly_once(opened: Any, db: Path)
     res.finish_many(batch)
     res.finish_many(batch)  # a redelivered batch changes nothing
     assert balance(db) == 90
-    assert holds(db) == []
+    assert hold_ids(db) == []
     assert res.committed(["t1", "t2"]) == {"t1"}
 
 
