@@ -28,8 +28,8 @@ from participant.core import (
     Recovered,
 )
 from participant.log import PrepareLog
-from participant.operations import Handler, OperationRegistry, OperationSpec, Refuse
-from participant.resources import Resource
+from participant.operations import Handler, OperationRegistry, OperationSpec
+from participant.resources import Finish, Resource
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import Heartbeat
@@ -159,6 +159,8 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.prepare_log = journal
         self.core = ParticipantCore(app.name, app.settings)
         self.last_orphans: list[tuple[str, float]] = []
+        self._to_prepare: list[ExecuteBranch] = []
+        self._to_finish: list[CommitBranch | AbortBranch] = []
         self.every(app.heartbeat_interval_s, self._heartbeat)
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
@@ -182,38 +184,63 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         return self.core.handle(event, now)
 
     def perform(self, effect: Any, now: int) -> Iterable[Any]:
+        # Resource work is deferred to settle(): one local transaction per batch (§5).
         if isinstance(effect, ExecuteBranch):
-            return [self._execute(effect)]
-        if isinstance(effect, CommitBranch):
-            self.resource.commit(effect.tx_id, self._spec(effect.operation), effect.args)
-            crashpoint("participant.after_commit")
+            self._to_prepare.append(effect)
             return ()
-        if isinstance(effect, AbortBranch):
-            # An orphan found at recovery (prepared in the resource, never voted YES) comes
-            # without its operation; the resource may remember it.
-            operation = effect.operation or self.resource.stored_operation(effect.tx_id) or ""
-            self.resource.abort(effect.tx_id, self.app.registry.get(operation), effect.args)
+        if isinstance(effect, CommitBranch | AbortBranch):
+            self._to_finish.append(effect)
             return ()
         return super().perform(effect, now)
+
+    def settle(self, now: int) -> Iterable[Any]:
+        """Finish, then prepare, the batch's branches; their results feed the core again.
+
+        Runs before the batch's log records are flushed and its messages published, so a
+        branch is durable in the resource before its PREPARED/COMPLETED record, its vote or ACK.
+        """
+        if self._to_finish:
+            finishing, self._to_finish = self._to_finish, []
+            self.resource.finish_many([self._finish_item(e) for e in finishing])
+            crashpoint("participant.after_commit")
+        if not self._to_prepare:
+            return ()
+        preparing, self._to_prepare = self._to_prepare, []
+        results: list[BranchExecuted] = []
+        known: list[tuple[ExecuteBranch, OperationSpec]] = []
+        for effect in preparing:
+            spec = self.app.registry.get(effect.operation)
+            if spec is None:
+                operations = ", ".join(sorted(self.app.registry.operations)) or "none"
+                reason = (
+                    f"unknown operation {effect.operation!r} on {self.app.name} "
+                    f"(known: {operations})"
+                )
+                results.append(BranchExecuted(effect.tx_id, ok=False, reason=reason))
+            else:
+                known.append((effect, spec))
+        refusals = self.resource.prepare_many([(e.tx_id, spec, e.args) for e, spec in known])
+        crashpoint("participant.after_prepare")
+        for (effect, _spec), refusal in zip(known, refusals, strict=True):
+            if refusal is None:
+                results.append(BranchExecuted(effect.tx_id, ok=True))
+            else:
+                results.append(BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason))
+        return results
+
+    def _finish_item(self, effect: CommitBranch | AbortBranch) -> Finish:
+        if isinstance(effect, CommitBranch):
+            return (effect.tx_id, self._spec(effect.operation), effect.args, True)
+        # An orphan found at recovery (prepared in the resource, never voted YES) comes
+        # without its operation; the resource may remember it.
+        operation = effect.operation or self.resource.stored_operation(effect.tx_id) or ""
+        return (effect.tx_id, self.app.registry.get(operation), effect.args, False)
 
     def _spec(self, operation: str) -> OperationSpec:
         spec = self.app.registry.get(operation)
         if spec is None:  # prepared by an older version of this service that had the operation
             raise RuntimeError(f"{self.app.name}: operation {operation!r} is no longer registered")
         return spec
-
-    def _execute(self, effect: ExecuteBranch) -> BranchExecuted:
-        spec = self.app.registry.get(effect.operation)
-        if spec is None:
-            known = ", ".join(sorted(self.app.registry.operations)) or "none"
-            reason = f"unknown operation {effect.operation!r} on {self.app.name} (known: {known})"
-            return BranchExecuted(effect.tx_id, ok=False, reason=reason)
-        try:
-            self.resource.prepare(effect.tx_id, spec, effect.args)
-        except Refuse as refusal:
-            return BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason)
-        crashpoint("participant.after_prepare")
-        return BranchExecuted(effect.tx_id, ok=True)
 
     def _heartbeat(self, now: int) -> None:
         interval_ms = int(self.app.heartbeat_interval_s * 1000)
