@@ -28,7 +28,16 @@ from types import TracebackType
 
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
-from schemas.messages import Begin, Branch, Outcome, OutcomeKind, StatusQuery
+from schemas.messages import (
+    Begin,
+    Branch,
+    Envelope,
+    Enveloped,
+    Outcome,
+    OutcomeKind,
+    Protocol,
+    StatusQuery,
+)
 from twophase.amqp import AmqpChannel, ConnectionLost
 from twophase.driver import now_ms
 
@@ -54,6 +63,7 @@ class _Pending:
     futures: list[Future[Outcome]] = field(default_factory=list)
     resend_at_ms: int = 0
     resend_every_ms: int = 0
+    traceparent: str = ""
 
 
 class Client:
@@ -68,7 +78,7 @@ class Client:
         self.client_id = uuid.uuid4().hex
         self.reply_queue = topology.client_queue(self.client_id)
         self._resend_after_s = resend_after_s
-        self._outgoing: deque[tuple[str, bytes]] = deque()
+        self._outgoing: deque[tuple[str, Protocol, str]] = deque()
         self._pending: dict[str, _Pending] = {}
         self._status: dict[str, list[Future[Outcome]]] = {}
         self._lock = threading.Lock()
@@ -130,7 +140,7 @@ class Client:
                 )
                 self._pending[tx_id] = pending
             pending.futures.append(future)
-        self._send(topology.COORDINATOR_QUEUE, encode(begin))
+        self._send(topology.COORDINATOR_QUEUE, begin)
         return future
 
     def status(self, tx_id: str, *, wait: float = 5.0) -> Outcome:
@@ -138,9 +148,7 @@ class Client:
         future: Future[Outcome] = Future()
         with self._lock:
             self._status.setdefault(tx_id, []).append(future)
-        self._send(
-            topology.COORDINATOR_QUEUE, encode(StatusQuery(tx_id=tx_id, reply_to=self.reply_queue))
-        )
+        self._send(topology.COORDINATOR_QUEUE, StatusQuery(tx_id=tx_id, reply_to=self.reply_queue))
         try:
             return future.result(wait)
         except FutureTimeout:
@@ -161,11 +169,11 @@ class Client:
 
     # ---- the I/O thread ----------------------------------------------------------------------
 
-    def _send(self, queue: str, body: bytes) -> None:
+    def _send(self, queue: str, message: Protocol, traceparent: str = "") -> None:
         if self._closing.is_set():
             raise RuntimeError("the client is closed")
         with self._lock:
-            self._outgoing.append((queue, body))
+            self._outgoing.append((queue, message, traceparent))
         self._wake()
 
     def _wake(self) -> None:
@@ -212,18 +220,39 @@ class Client:
             except DecodeError as exc:
                 log.warning("client dropped an undecodable reply: %s", exc.cause)
                 continue
-            if isinstance(message, Outcome):
-                self._resolve(message)
+            inner = (
+                [i.message for i in message.messages]
+                if isinstance(message, Envelope)
+                else [message]
+            )
+            for reply in inner:
+                if isinstance(reply, Outcome):
+                    self._resolve(reply)
         channel.ack(deliveries)
         self._resend_due()
         with self._lock:
             batch = list(self._outgoing)
             self._outgoing.clear()
-        for queue, body in batch:
-            channel.publish(queue, body)
         if batch:
-            channel.wait_for_confirms()
-            self.messages_sent += len(batch)
+            self._publish(channel, batch)
+
+    def _publish(self, channel: AmqpChannel, batch: list[tuple[str, Protocol, str]]) -> None:
+        """Everything queued since the last turn: one envelope per destination."""
+        by_queue: dict[str, list[tuple[Protocol, str]]] = {}
+        for queue, message, traceparent in batch:
+            by_queue.setdefault(queue, []).append((message, traceparent))
+        for queue, items in by_queue.items():
+            if len(items) == 1:
+                message, traceparent = items[0]
+                headers = {topology.TRACEPARENT_HEADER: traceparent} if traceparent else None
+                channel.publish(queue, encode(message), headers=headers)
+            else:
+                envelope = Envelope(
+                    messages=tuple(Enveloped(message=m, traceparent=t) for m, t in items)
+                )
+                channel.publish(queue, encode(envelope))
+            self.messages_sent += 1
+        channel.wait_for_confirms()
 
     def _resolve(self, outcome: Outcome) -> None:
         with self._lock:
@@ -244,13 +273,17 @@ class Client:
                     continue
                 if now >= pending.resend_at_ms:
                     pending.resend_at_ms = now + pending.resend_every_ms
-                    self._outgoing.append((topology.COORDINATOR_QUEUE, encode(pending.begin)))
+                    self._outgoing.append(
+                        (topology.COORDINATOR_QUEUE, pending.begin, pending.traceparent)
+                    )
             self._pending = {k: p for k, p in self._pending.items() if not _abandoned(p.futures)}
 
     def _resend_all(self) -> None:
         with self._lock:
             for pending in self._pending.values():
-                self._outgoing.append((topology.COORDINATOR_QUEUE, encode(pending.begin)))
+                self._outgoing.append(
+                    (topology.COORDINATOR_QUEUE, pending.begin, pending.traceparent)
+                )
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.messages import Message
+from schemas.messages import Protocol
 from schemas.records import Record
 
 #: (purpose, tx_id): at most one timer per purpose and transaction
@@ -26,7 +26,7 @@ class Persist:
 @dataclass(frozen=True, slots=True)
 class Send:
     queue: str
-    message: Message
+    message: Protocol
     #: W3C trace context of the transaction, carried in the AMQP headers
     traceparent: str = ""
 
@@ -65,7 +65,7 @@ class ProtocolViolation:
 class Incoming:
     """Event: a decoded message, with the trace context of the AMQP message that carried it."""
 
-    message: Message
+    message: Protocol
     traceparent: str = ""
 
 

@@ -116,9 +116,28 @@ class StatusQuery(_Message, frozen=True, tag="status"):
     reply_to: str
 
 
-Message = (
+#: every protocol message: what the cores handle
+Protocol = (
     Begin | Prepare | Vote | Commit | Abort | Ack | Inquire | Heartbeat | Outcome | StatusQuery
 )
+
+
+class Enveloped(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    message: Protocol
+    traceparent: str = ""
+
+
+class Envelope(_Message, frozen=True, tag="envelope"):
+    """Several protocol messages for the same queue in one AMQP message (transport only).
+
+    The receiving driver hands them to its core one by one, in order, exactly as if they had
+    arrived back to back; the AMQP message is acked, dead-lettered or redelivered as a whole.
+    """
+
+    messages: tuple[Enveloped, ...]
+
+
+Message = Protocol | Envelope
 
 MESSAGE_TYPES: tuple[type[Any], ...] = (
     Begin,
@@ -131,4 +150,5 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     Heartbeat,
     Outcome,
     StatusQuery,
+    Envelope,
 )

@@ -43,13 +43,17 @@ from schemas.effects import (
     TimerFired,
     TimerKey,
 )
+from schemas.messages import Envelope, Enveloped
 from schemas.topology import TRACEPARENT_HEADER
-from twophase import selfstats
+from twophase import logs, selfstats
 from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError
 from twophase.crashpoints import crashpoint
 from twophase.journal import Journal
 
 log = logging.getLogger("twophase.driver")
+
+#: at most this many protocol messages travel in one envelope
+ENVELOPE_MAX = 256
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -94,7 +98,9 @@ class Timers:
 class DriverStats:
     batches: int = 0
     messages_in: int = 0
+    #: AMQP messages published (an envelope counts once)
     messages_out: int = 0
+    protocol_messages_out: int = 0
     dead_lettered: int = 0
     protocol_violations: int = 0
     reconnects: int = 0
@@ -133,6 +139,8 @@ class BatchDriver(ABC, Generic[R]):
         self._sends: list[Send] = []
         self._injected: deque[Any] = deque()
         self._chores: list[_Chore] = []
+        #: set by a side that traces or counts: the observation hooks below are called
+        self.observing = False
         stats_file = os.environ.get(selfstats.ENV)
         if stats_file:
             self.every(0.5, lambda _now: selfstats.write(stats_file, self.counters()))
@@ -155,8 +163,31 @@ class BatchDriver(ABC, Generic[R]):
         """The core dropped ``tx_id``."""
 
     def on_unroutable(self, send: Send) -> Iterable[Any]:
-        log.warning("unroutable message to %s: %s", send.queue, type(send.message).__name__)
+        log.warning(
+            "unroutable message to %s: %s",
+            send.queue,
+            type(send.message).__name__,
+            extra=logs.tx(getattr(send.message, "tx_id", ""), send.traceparent),
+        )
         return ()
+
+    # ---- observation hooks (tracing, metrics): called only while ``observing`` ------------
+
+    def on_incoming(self, event: Any, now: int) -> None:
+        """``event`` is about to be handled by the core."""
+
+    def on_effect(self, effect: Any, now: int) -> None:
+        """The core returned ``effect``; it is applied next."""
+
+    def headers_for(self, send: Send) -> dict[str, str] | None:
+        """The AMQP headers ``send`` is published with."""
+        return {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
+
+    def on_flushed(self, records: Sequence[R], started_ns: int) -> None:
+        """``records`` were made durable by one log transaction that started at ``started_ns``."""
+
+    def on_batch_end(self, messages: int) -> None:
+        """The batch of ``messages`` deliveries is done: published, confirmed and acked."""
 
     def counters(self) -> dict[str, int]:
         """What ``twophase bench`` reads: traffic, and forced writes as log transactions."""
@@ -164,6 +195,7 @@ class BatchDriver(ABC, Generic[R]):
             "batches": self.stats.batches,
             "messages_in": self.stats.messages_in,
             "messages_out": self.stats.messages_out,
+            "protocol_messages_out": self.stats.protocol_messages_out,
             "log_flushes": self.journal.flushes,
             "log_records": self.journal.log.rows_written,
             "dead_lettered": self.stats.dead_lettered,
@@ -220,9 +252,9 @@ class BatchDriver(ABC, Generic[R]):
         self._injected.clear()
         good: list[Delivery] = []
         for delivery in deliveries:
-            event = self._decode(delivery)
-            if event is not None:
-                events.append(event)
+            decoded = self._decode(delivery)
+            if decoded is not None:
+                events.extend(decoded)
                 good.append(delivery)
         events.extend(TimerFired(key) for key in self.timers.due(now))
         if not events:
@@ -236,8 +268,10 @@ class BatchDriver(ABC, Generic[R]):
         crashpoint(f"{self.side}.after_publish")
         self.channel.ack(good)
         crashpoint(f"{self.side}.after_ack")
+        if self.observing:
+            self.on_batch_end(len(deliveries))
 
-    def _decode(self, delivery: Delivery) -> Incoming | None:
+    def _decode(self, delivery: Delivery) -> list[Incoming] | None:
         try:
             message = decode_message(delivery.body)
         except DecodeError as exc:
@@ -246,13 +280,20 @@ class BatchDriver(ABC, Generic[R]):
             self.channel.dead_letter(delivery, reason)
             self.stats.dead_lettered += 1
             return None
-        return Incoming(message, delivery.headers.get(TRACEPARENT_HEADER, ""))
+        if isinstance(message, Envelope):
+            return [Incoming(item.message, item.traceparent) for item in message.messages]
+        return [Incoming(message, delivery.headers.get(TRACEPARENT_HEADER, ""))]
 
     def _run_events(self, events: deque[Any], now: int) -> None:
+        observing = self.observing
         while events:
             while events:
                 event = events.popleft()
+                if observing:
+                    self.on_incoming(event, now)
                 for effect in self.handle(event, now):
+                    if observing:
+                        self.on_effect(effect, now)
                     events.extend(self._apply(effect, now))
             events.extend(self.settle(now))
 
@@ -269,7 +310,12 @@ class BatchDriver(ABC, Generic[R]):
             self.forget(effect.tx_id)
         elif isinstance(effect, ProtocolViolation):
             self.stats.protocol_violations += 1
-            log.warning("protocol violation tx_id=%s: %s", effect.tx_id, effect.description)
+            log.warning(
+                "protocol violation tx_id=%s: %s",
+                effect.tx_id,
+                effect.description,
+                extra=logs.tx(effect.tx_id),
+            )
         else:
             return self.perform(effect, now)
         return ()
@@ -280,16 +326,22 @@ class BatchDriver(ABC, Generic[R]):
 
     def _flush_records(self) -> None:
         if self._records:
+            started_ns = time.time_ns()
             self.journal.append(self._records)
+            if self.observing:
+                self.on_flushed(self._records, started_ns)
             self._records = []
 
     def _publish(self) -> None:
         if not self._sends:
             return
+        by_queue: dict[str, list[Send]] = {}
         for send in self._sends:
-            headers = {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
-            self.channel.publish(send.queue, encode(send.message), headers=headers)
-        self.stats.messages_out += len(self._sends)
+            by_queue.setdefault(send.queue, []).append(send)
+        for queue, sends in by_queue.items():
+            for start in range(0, len(sends), ENVELOPE_MAX):
+                self._publish_to(queue, sends[start : start + ENVELOPE_MAX])
+        self.stats.protocol_messages_out += len(self._sends)
         try:
             self.channel.wait_for_confirms()
         except PublishError as exc:
@@ -298,6 +350,22 @@ class BatchDriver(ABC, Generic[R]):
                 if send.queue in returned:
                     self._injected.extend(self.on_unroutable(send))
         self._sends = []
+
+    def _publish_to(self, queue: str, sends: list[Send]) -> None:
+        """One AMQP message per queue and batch: an envelope when there are several."""
+        self.stats.messages_out += 1
+        if len(sends) == 1:
+            send = sends[0]
+            self.channel.publish(queue, encode(send.message), headers=self.headers_for(send))
+            return
+        items = tuple(
+            Enveloped(
+                message=send.message,
+                traceparent=(self.headers_for(send) or {}).get(TRACEPARENT_HEADER, ""),
+            )
+            for send in sends
+        )
+        self.channel.publish(queue, encode(Envelope(messages=items)))
 
     def _republish(self) -> None:
         """After a reconnect: the last batch's messages may not have left; send them again."""

@@ -253,3 +253,23 @@ def test_garbage_goes_to_the_dead_letter_queue_and_the_next_transaction_commits(
     bodies = {body: reason for body, reason in dead}
     assert bodies[b"\x00not a message"].startswith("undecodable message")
     assert "tx_id" in bodies[b'{"type": "prepare", "tx_id": 7}']
+
+
+def test_an_envelope_is_handled_message_by_message(lone_bank: Bank, amqp_url: str) -> None:
+    from schemas.messages import Envelope, Enveloped
+
+    peer = ProtocolPeer(amqp_url, topology.COORDINATOR_QUEUE)
+    queue = topology.participant_queue("lone")
+    try:
+        both = Envelope(
+            messages=(
+                Enveloped(message=prepare("env-1", 30)),
+                Enveloped(message=prepare("env-2", 80)),
+            )
+        )
+        peer.send(queue, both)
+        assert peer.expect(Vote, tx_id="env-1").vote is VoteKind.YES
+        refused = peer.expect(Vote, tx_id="env-2")  # sees env-1's hold: 100 - 30 < 80
+        assert refused.vote is VoteKind.NO and "insufficient funds" in refused.reason
+    finally:
+        peer.close()
