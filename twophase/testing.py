@@ -18,8 +18,8 @@ import msgspec
 from coordinator.core import CoordinatorSettings
 from coordinator.service import CoordinatorConfig, CoordinatorService
 from schemas.codec import decode_message, encode
-from schemas.messages import Heartbeat, Message
-from twophase.amqp import AmqpChannel
+from schemas.messages import Envelope, Heartbeat, Protocol
+from twophase.amqp import AmqpChannel, Delivery
 
 M = TypeVar("M")
 
@@ -42,6 +42,18 @@ def running_coordinator(
         thread.join(10)
 
 
+def unwrap(deliveries: list[Delivery]) -> list[Protocol]:
+    """The protocol messages in ``deliveries``, envelopes opened."""
+    found: list[Protocol] = []
+    for delivery in deliveries:
+        message = decode_message(delivery.body)
+        if isinstance(message, Envelope):
+            found += [item.message for item in message.messages]
+        else:
+            found.append(message)
+    return found
+
+
 class ProtocolPeer:
     """Consumes one queue and publishes raw protocol messages (one thread only)."""
 
@@ -49,7 +61,7 @@ class ProtocolPeer:
         self.channel = AmqpChannel(amqp_url, connection_name="twophase-test-peer")
         self.channel.declare_queue(queue)
         self.channel.consume(queue)
-        self.received: list[Message] = []
+        self.received: list[Protocol] = []
 
     def declare(self, queue: str) -> None:
         self.channel.declare_queue(queue)
@@ -75,15 +87,15 @@ class ProtocolPeer:
                     f"no {kind.__name__} with {fields} within {timeout} s; got {self.received}"
                 )
             deliveries = self.channel.poll(min(remaining, 0.2))
-            self.received += [decode_message(d.body) for d in deliveries]
+            self.received += unwrap(deliveries)
             self.channel.ack(deliveries)
 
-    def quiet(self, seconds: float) -> list[Message]:
+    def quiet(self, seconds: float) -> list[Protocol]:
         """Every protocol message received during ``seconds`` (heartbeats left out)."""
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
             deliveries = self.channel.poll(remaining)
-            self.received += [decode_message(d.body) for d in deliveries]
+            self.received += unwrap(deliveries)
             self.channel.ack(deliveries)
         got, self.received = self.received, []
         return [m for m in got if not isinstance(m, Heartbeat)]
