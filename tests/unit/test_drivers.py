@@ -1,0 +1,208 @@
+"""The real drivers on the in-memory broker, stepped turn by turn (no RabbitMQ needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.log import DecisionLog
+from coordinator.service import CoordinatorConfig, CoordinatorService
+from participant.log import PrepareLog
+from participant.worker import ParticipantWorker
+from schemas import topology
+from schemas.codec import decode_message, encode
+from schemas.messages import (
+    Begin,
+    Branch,
+    Commit,
+    Envelope,
+    Enveloped,
+    Outcome,
+    OutcomeKind,
+    Protocol,
+    Vote,
+    VoteKind,
+)
+from schemas.records import BranchPrepared, TxCommitting
+from twophase import bank
+from twophase.amqp import ConnectionLost
+from twophase.memory import MemoryBroker, MemoryChannel
+
+REPLY = topology.client_queue("test")
+BANKS = ("bank-a", "bank-b", "bank-c")
+
+
+class System:
+    def __init__(self, tmp: Path, broker: MemoryBroker) -> None:
+        self.tmp, self.broker = tmp, broker
+        self.coordinator = CoordinatorService(
+            CoordinatorConfig(
+                "amqp://memory/",
+                str(tmp / "coordinator.log.db"),
+                channel_factory=broker.channel,
+                metrics_port=0,
+            )
+        )
+        self.workers: dict[str, ParticipantWorker] = {}
+        for name in BANKS:
+            db = str(tmp / f"{name}.db")
+            bank.open_accounts(db, name, [(f"{name}-0", 100)])
+            app = bank.create_bank(
+                name, db, amqp_url="amqp://memory/", log_url=str(tmp / f"{name}.log.db")
+            )
+            app.channel_factory = broker.channel
+            self.workers[name] = ParticipantWorker(app)
+        self.client = MemoryChannel(broker)
+        self.client.declare_queue(REPLY)
+        self.client.consume(REPLY)
+        for driver in self.drivers():
+            driver.channel.consume(driver.queue)
+
+    def drivers(self) -> list[Any]:
+        return [self.coordinator, *self.workers.values()]
+
+    def settle(self, turns: int = 30) -> None:
+        for _ in range(turns):
+            for driver in self.drivers():
+                driver.turn()
+
+    def outcomes(self) -> list[Outcome]:
+        found: list[Outcome] = []
+        deliveries = self.client.poll(0)
+        for message in unwrap([decode_message(d.body) for d in deliveries]):
+            assert isinstance(message, Outcome)
+            found.append(message)
+        self.client.ack(deliveries)
+        return found
+
+    def balance(self, name: str) -> tuple[int, int]:
+        return bank.totals(str(self.tmp / f"{name}.db"), name)
+
+
+def unwrap(messages: list[Any]) -> list[Protocol]:
+    out: list[Protocol] = []
+    for m in messages:
+        out += [i.message for i in m.messages] if isinstance(m, Envelope) else [m]
+    return out
+
+
+def transfer(tx_id: str, amount: int = 10) -> Begin:
+    return Begin(
+        tx_id=tx_id,
+        branches=(
+            Branch("bank-a", "debit", {"account": "bank-a-0", "amount": amount + 1}),
+            Branch("bank-b", "credit", {"account": "bank-b-0", "amount": amount}),
+            Branch("bank-c", "credit", {"account": "bank-c-0", "amount": 1}),
+        ),
+        timeout_ms=30_000,
+        reply_to=REPLY,
+    )
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    yield System(tmp_path, MemoryBroker())
+
+
+def test_a_transfer_commits_through_the_real_drivers(system: System) -> None:
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("t1")))
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
+    assert system.balance("bank-a") == (89, 0)
+    assert system.balance("bank-b") == (110, 0)
+    assert system.balance("bank-c") == (101, 0)
+
+
+def test_a_batch_is_one_log_transaction_and_one_envelope_per_destination(system: System) -> None:
+    begins = tuple(Enveloped(message=transfer(f"t{i}", 1)) for i in range(5))
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(Envelope(messages=begins)))
+    before = system.coordinator.journal.flushes
+    system.coordinator.turn()  # one batch: five Begins
+    assert system.coordinator.journal.flushes == before + 1  # group commit
+    for name in BANKS:  # five Prepares to each bank, in one AMQP message each
+        bodies = system.broker.bodies(topology.participant_queue(name))
+        assert len(bodies) == 1
+        prepared = decode_message(bodies[0])
+        assert isinstance(prepared, Envelope) and len(prepared.messages) == 5
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED] * 5
+
+
+class AuditingChannel(MemoryChannel):
+    """Checks the write-ahead rules at the moment a message is published."""
+
+    def __init__(self, broker: MemoryBroker, tmp: Path) -> None:
+        super().__init__(broker)
+        self.tmp = tmp
+        self.checked = 0
+
+    def publish(self, routing_key: str, body: bytes, **kwargs: Any) -> None:
+        for message in unwrap([decode_message(body)]):
+            if isinstance(message, Commit):  # rule 2
+                log = DecisionLog(str(self.tmp / "coordinator.log.db"))
+                records = log.history([message.tx_id]).get(message.tx_id, [])
+                assert any(isinstance(r, TxCommitting) for r in records), message
+                self.checked += 1
+            if isinstance(message, Vote) and message.vote is VoteKind.YES:  # rule 1
+                log = PrepareLog(
+                    str(self.tmp / f"{message.participant}.log.db"), message.participant
+                )
+                records = log.history([message.tx_id]).get(message.tx_id, [])
+                assert any(isinstance(r, BranchPrepared) for r in records), message
+                self.checked += 1
+        super().publish(routing_key, body, **kwargs)
+
+
+def test_commits_and_yes_votes_leave_only_after_their_records_are_durable(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    channels: list[AuditingChannel] = []
+
+    def auditing(*_args: object, **_kwargs: object) -> AuditingChannel:
+        channel = AuditingChannel(broker, tmp_path)
+        channels.append(channel)
+        return channel
+
+    broker.channel = auditing  # type: ignore[method-assign]
+    system = System(tmp_path, broker)
+    for i in range(3):
+        system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer(f"w{i}", 1)))
+    system.settle()
+    assert len(system.outcomes()) == 3
+    assert sum(c.checked for c in channels) == 3 * 3 + 3 * 3  # 9 YES votes, 9 COMMITs
+
+
+def test_garbage_is_dead_lettered_and_the_driver_goes_on(system: System) -> None:
+    system.client.publish(topology.COORDINATOR_QUEUE, b"{not json")
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("after-garbage")))
+    system.settle()
+    assert [o.tx_id for o in system.outcomes()] == ["after-garbage"]
+    assert system.broker.bodies(topology.DEAD_LETTER_QUEUE) == [b"{not json"]
+
+
+def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: System) -> None:
+    coordinator = system.coordinator
+    channel = coordinator.channel
+    real_publish = channel.publish
+    calls = {"n": 0}
+
+    def flaky_publish(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the batch's records are durable; its messages are not out yet
+            channel.drop_connection()
+            raise ConnectionLost("kicked by the test")
+        real_publish(*args, **kwargs)
+
+    channel.publish = flaky_publish  # type: ignore[method-assign]
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("kicked")))
+    with pytest.raises(ConnectionLost):
+        coordinator.turn()
+    channel.reconnect()
+    coordinator._republish()
+    system.settle()
+    outcomes = system.outcomes()
+    assert [o.outcome for o in outcomes] == [OutcomeKind.COMMITTED]
+    assert system.balance("bank-a") == (89, 0)  # debited once
+    assert system.balance("bank-b") == (110, 0)
