@@ -74,58 +74,50 @@ def accounts_table(bank: str) -> sa.TableClause:
 
 def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
     bank = Participant(name, ReservationResource(db_url), **options)
-    ACCOUNTS = accounts_table(name)
+    table = table_name(name)  # made of [a-z0-9_] only, so safe to format into SQL
+    # One conditional UPDATE checks and holds at once: no race, one round trip.
+    hold = sa.text(
+        f"UPDATE {table} SET held = held + :amount "
+        "WHERE id = :account AND balance - held >= :amount"
+    )
+    lookup = sa.text(f"SELECT balance, held FROM {table} WHERE id = :account")
+    apply_hold = sa.text(
+        f"UPDATE {table} SET balance = balance - :amount, held = held - :amount WHERE id = :account"
+    )
+    release = sa.text(f"UPDATE {table} SET held = held - :amount WHERE id = :account")
+    exists = sa.text(f"SELECT 1 FROM {table} WHERE id = :account")
+    deposit = sa.text(f"UPDATE {table} SET balance = balance + :amount WHERE id = :account")
 
     @bank.operation("debit")
     def debit(db: sa.Connection, args: dict[str, Any]) -> None:
-        account, amount = _account(args), _amount(args)
-        row = db.execute(
-            sa.select(ACCOUNTS.c.balance, ACCOUNTS.c.held).where(ACCOUNTS.c.id == account)
-        ).first()
+        params = {"account": _account(args), "amount": _amount(args)}
+        if db.execute(hold, params).rowcount == 1:
+            return
+        row = db.execute(lookup, params).first()
         if row is None:
-            raise Refuse(f"no account {account!r} at {name}")
-        if row.balance - row.held < amount:
-            raise Refuse(
-                f"insufficient funds in {account} at {name}: "
-                f"balance {row.balance}, held {row.held}, needs {amount}"
-            )
-        db.execute(
-            sa.update(ACCOUNTS)
-            .where(ACCOUNTS.c.id == account)
-            .values(held=ACCOUNTS.c.held + amount)
+            raise Refuse(f"no account {params['account']!r} at {name}")
+        raise Refuse(
+            f"insufficient funds in {params['account']} at {name}: "
+            f"balance {row.balance}, held {row.held}, needs {params['amount']}"
         )
 
     @debit.on_commit
     def apply_debit(db: sa.Connection, args: dict[str, Any]) -> None:
-        amount = args["amount"]
-        db.execute(
-            sa.update(ACCOUNTS)
-            .where(ACCOUNTS.c.id == args["account"])
-            .values(balance=ACCOUNTS.c.balance - amount, held=ACCOUNTS.c.held - amount)
-        )
+        db.execute(apply_hold, {"account": args["account"], "amount": args["amount"]})
 
     @debit.on_abort
     def release_debit(db: sa.Connection, args: dict[str, Any]) -> None:
-        db.execute(
-            sa.update(ACCOUNTS)
-            .where(ACCOUNTS.c.id == args["account"])
-            .values(held=ACCOUNTS.c.held - args["amount"])
-        )
+        db.execute(release, {"account": args["account"], "amount": args["amount"]})
 
     @bank.operation("credit")
     def credit(db: sa.Connection, args: dict[str, Any]) -> None:
-        account, _ = _account(args), _amount(args)
-        exists = db.execute(sa.select(ACCOUNTS.c.id).where(ACCOUNTS.c.id == account)).first()
-        if exists is None:
-            raise Refuse(f"no account {account!r} at {name}")
+        params = {"account": _account(args), "amount": _amount(args)}
+        if db.execute(exists, params).first() is None:
+            raise Refuse(f"no account {params['account']!r} at {name}")
 
     @credit.on_commit
     def apply_credit(db: sa.Connection, args: dict[str, Any]) -> None:
-        db.execute(
-            sa.update(ACCOUNTS)
-            .where(ACCOUNTS.c.id == args["account"])
-            .values(balance=ACCOUNTS.c.balance + args["amount"])
-        )
+        db.execute(deposit, {"account": args["account"], "amount": args["amount"]})
 
     return bank
 
