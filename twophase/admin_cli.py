@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from schemas import topology
@@ -138,7 +139,7 @@ def _resolve(args: argparse.Namespace) -> int:
     except HeuristicHazard as exc:
         print(str(exc), file=sys.stderr)
         return HAZARD_EXIT
-    except CoordinatorRunning as exc:
+    except (CoordinatorRunning, ValueError) as exc:
         print(f"twophase tx resolve: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -155,8 +156,14 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
         print(f"twophase tx resolve: {args.participant} is running; stop it first", file=sys.stderr)
         return 2
     app = load_app(args.app)
-    if args.log_url:
-        app.log_url = args.log_url
+    if app.name != args.participant:
+        print(
+            f"twophase tx resolve: --app gives participant {app.name!r}, not {args.participant!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.log_url or args.data_dir:
+        app.log_url = _log_url(args)
     try:
         print(
             resolve_branch(
@@ -166,6 +173,9 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
     except HeuristicHazard as exc:
         print(str(exc), file=sys.stderr)
         return HAZARD_EXIT
+    except ValueError as exc:
+        print(f"twophase tx resolve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -175,8 +185,11 @@ def _coordinator_view(args: argparse.Namespace) -> CoordinatorView:
     from schemas.records import TxCommitting
     from twophase.store import ConfigurationError
 
-    url = args.coordinator_log or config.log_url(None, "coordinator", args.data_dir)
+    # Not config.log_url: TWOPHASE_LOG_URL names this participant's own log in its environment.
+    url = args.coordinator_log or str(config.data_dir(args.data_dir) / "coordinator.log.db")
     try:
+        if _missing_sqlite_file(url):
+            return "unknown"  # opening it would create an empty log that "says" presumed abort
         records = DecisionLog(url).history([args.tx_id]).get(args.tx_id, [])
     except ConfigurationError:
         return "unknown"
@@ -184,3 +197,15 @@ def _coordinator_view(args: argparse.Namespace) -> CoordinatorView:
     if logged is None:
         return None
     return Decision.COMMIT if isinstance(logged, TxCommitting) else Decision.ABORT
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    from twophase.store import database_url
+
+    parsed = make_url(database_url(url))
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return False
+    return not database.startswith("file:") and not Path(database).exists()

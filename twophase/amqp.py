@@ -377,7 +377,9 @@ class AmqpChannel:
             if nacked or seq in self._returned:
                 self._failed[seq] = routing_key
             self._returned.discard(seq)
-        self._connection.call_later(0, _noop)  # makes process_data_events return now
+        connection = self._connection
+        if connection is not None:  # None once closed: a late confirm needs no wake-up
+            connection.call_later(0, _noop)  # makes process_data_events return now
 
     def publish(
         self,
