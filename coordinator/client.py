@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
@@ -38,6 +39,7 @@ from schemas.messages import (
     Protocol,
     StatusQuery,
 )
+from twophase import tracing
 from twophase.amqp import AmqpChannel, ConnectionLost
 from twophase.driver import now_ms
 
@@ -64,6 +66,13 @@ class _Pending:
     resend_at_ms: int = 0
     resend_every_ms: int = 0
     traceparent: str = ""
+    #: the ``submit`` span while tracing is on (``traceparent`` is its W3C context)
+    span: Any = None
+
+    def end_span(self, outcome: Outcome | None, error: BaseException | None = None) -> None:
+        span, self.span = self.span, None
+        if span is not None:
+            tracing.end_submit(span, outcome, error)
 
 
 class Client:
@@ -86,12 +95,18 @@ class Client:
         self._channel: AmqpChannel | None = None
         #: AMQP messages this client published (the benchmark counts them)
         self.messages_sent = 0
+        #: tracing set up from OTEL_* by this client (a reference released on close)
+        self._tracing = tracing.acquire("twophase-client")
         ready: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._serve, args=(ready, connect_attempts), name="twophase-client", daemon=True
         )
         self._thread.start()
-        ready.result()
+        try:
+            ready.result()
+        except BaseException:
+            self._release_tracing()
+            raise
 
     # ---- public API ------------------------------------------------------------------------
 
@@ -138,9 +153,13 @@ class Client:
                 pending = _Pending(
                     begin, resend_at_ms=now_ms() + resend_ms, resend_every_ms=resend_ms
                 )
+                if tracing.ENABLED:
+                    participants = [b.participant for b in begin.branches]
+                    pending.span, pending.traceparent = tracing.start_submit(tx_id, participants)
                 self._pending[tx_id] = pending
             pending.futures.append(future)
-        self._send(topology.COORDINATOR_QUEUE, begin)
+            traceparent = pending.traceparent
+        self._send(topology.COORDINATOR_QUEUE, begin, traceparent)
         return future
 
     def status(self, tx_id: str, *, wait: float = 5.0) -> Outcome:
@@ -158,6 +177,13 @@ class Client:
         self._closing.set()
         self._wake()
         self._thread.join(10)
+        self._release_tracing()
+
+    def _release_tracing(self) -> None:
+        """Flush and shut down the tracer provider this client set up (if it was the last)."""
+        if self._tracing:
+            self._tracing = False
+            tracing.release()
 
     def __enter__(self) -> Client:
         return self
@@ -261,6 +287,7 @@ class Client:
                 pending = self._pending.pop(outcome.tx_id, None)
                 if pending is not None:
                     waiting += pending.futures
+                    pending.end_span(outcome)
         for future in waiting:
             if not future.done():
                 future.set_result(outcome)
@@ -276,7 +303,9 @@ class Client:
                     self._outgoing.append(
                         (topology.COORDINATOR_QUEUE, pending.begin, pending.traceparent)
                     )
-            self._pending = {k: p for k, p in self._pending.items() if not _abandoned(p.futures)}
+            abandoned = [k for k, p in self._pending.items() if _abandoned(p.futures)]
+            for tx_id in abandoned:
+                self._pending.pop(tx_id).end_span(None, RuntimeError("abandoned by every caller"))
 
     def _resend_all(self) -> None:
         with self._lock:
@@ -289,6 +318,8 @@ class Client:
         with self._lock:
             futures = [f for p in self._pending.values() for f in p.futures]
             futures += [f for fs in self._status.values() for f in fs]
+            for pending in self._pending.values():
+                pending.end_span(None, exc)
             self._pending.clear()
             self._status.clear()
         for future in futures:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from coordinator.core import (
     CoordinatorCore,
@@ -19,9 +21,12 @@ from coordinator.log import DecisionLog
 from schemas import topology
 from schemas.effects import Send
 from schemas.messages import Prepare
-from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord
+from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord, TxBegun
+from twophase import logs, tracing
 from twophase.amqp import AmqpChannel
 from twophase.driver import BatchDriver, now_ms
+from twophase.metrics import CoordinatorMetrics, MetricsServer
+from twophase.store import ConfigurationError
 
 log = logging.getLogger("twophase.coordinator")
 
@@ -31,18 +36,35 @@ class CoordinatorConfig:
     amqp_url: str
     log_url: str
     prefetch: int = 512
+    #: builds the channel: AmqpChannel, or twophase.memory's double in tests
+    channel_factory: Callable[..., Any] | None = None
     #: how long finished transactions stay in the log: a resubmitted tx_id is answered from the
     #: log within this window (and would run as a new transaction after it)
     retention_s: float = 7 * 24 * 3600.0
     settings: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+    #: Prometheus endpoint port (0: none; ``twophase coordinator`` defaults to 9464)
+    metrics_port: int = 0
+    #: where the metrics are registered (default: the global registry); given one, the service
+    #: counts even without a port (tests run several services in one process)
+    metrics_registry: CollectorRegistry | None = None
+    #: a port that is taken is logged and skipped instead of failing (the implicit default)
+    metrics_best_effort: bool = False
 
 
 class CoordinatorService(BatchDriver[CoordinatorRecord]):
     side = "coordinator"
 
     def __init__(self, config: CoordinatorConfig) -> None:
+        self.metrics_server: MetricsServer | None = None
+        if config.metrics_port:
+            try:
+                self.metrics_server = MetricsServer(config.metrics_port, config.metrics_registry)
+            except ConfigurationError as exc:
+                if not config.metrics_best_effort:
+                    raise
+                log.warning("no metrics endpoint: %s", exc)
         journal = DecisionLog(config.log_url)
-        channel = AmqpChannel(
+        channel = (config.channel_factory or AmqpChannel)(
             config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
         )
         channel.declare_queue(topology.COORDINATOR_QUEUE)
@@ -54,6 +76,13 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         self._lookups: list[str] = []
         self.retention_s = config.retention_s
         self.every(60.0, self._collect_garbage)
+        tracing.setup_from_env("twophase-coordinator")
+        self.trace = tracing.CoordinatorTrace() if tracing.ENABLED else None
+        self.metrics: CoordinatorMetrics | None = None
+        if config.metrics_port or config.metrics_registry is not None:
+            self.metrics = CoordinatorMetrics(config.metrics_registry)
+            self.every(0.5, self._refresh_metrics)
+        self.observing = self.trace is not None or self.metrics is not None
         self.recover()
 
     def recover(self) -> None:
@@ -61,6 +90,13 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         unfinished = self.decision_log.unfinished_transactions()
         if unfinished:
             log.info("recovering %d unfinished transactions from the log", len(unfinished))
+        for tx_id, records in unfinished.items():
+            begun = next((r for r in records if isinstance(r, TxBegun)), None)
+            log.debug(
+                "recovering after %s",
+                type(records[-1]).__name__,
+                extra=logs.tx(tx_id, begun.traceparent if begun else ""),
+            )
         self._inject(Recovered(unfinished))
 
     def _collect_garbage(self, now: int) -> None:
@@ -91,6 +127,58 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
             HistoryLoaded(tx_id, found.get(tx_id, []) + self.pending_records(tx_id))
             for tx_id in tx_ids
         ]
+
+    # ---- observation: tracing and metrics ------------------------------------------------------
+
+    def on_incoming(self, event: Any, now: int) -> None:
+        if isinstance(event, Recovered):
+            if self.trace is not None:
+                self.trace.recovered(event.unfinished)
+            if self.metrics is not None:
+                self.metrics.recovered(event.unfinished)
+        elif self.trace is not None:
+            self.trace.on_incoming(event)
+
+    def on_effect(self, effect: Any, now: int) -> None:
+        if self.trace is not None:
+            self.trace.on_effect(effect)
+        if self.metrics is not None:
+            self.metrics.on_effect(effect, now)
+
+    def headers_for(self, send: Send) -> dict[str, str] | None:
+        if self.trace is not None:
+            return self.trace.headers_for(send)
+        return super().headers_for(send)
+
+    def on_flushed(self, records: Sequence[CoordinatorRecord], started_ns: int) -> None:
+        if self.trace is not None:
+            self.trace.on_flushed(records, started_ns)
+        if self.metrics is not None:
+            self.metrics.on_flushed(records, started_ns)
+
+    def on_batch_end(self, messages: int) -> None:
+        if self.trace is not None:
+            self.trace.on_batch_end()
+        if self.metrics is not None:
+            self.metrics.on_batch_end(messages)
+
+    def _refresh_metrics(self, now: int) -> None:
+        if self.metrics is not None:
+            core = self.core
+            up = {p: core.participant_status(p, now) == "up" for p in list(core.liveness)}
+            self.metrics.refresh(len(core.in_doubt()), up)
+
+    def serve_forever(self) -> None:
+        try:
+            super().serve_forever()
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+
+    def _republish(self) -> None:
+        # Called right after a reconnect: heartbeats sent while we were cut off never reached us.
+        self.core.listening_again(now_ms())
+        super()._republish()
 
     def on_unroutable(self, send: Send) -> Iterable[Any]:
         if isinstance(send.message, Prepare):

@@ -13,10 +13,13 @@ bank.start()                          # background thread; or bank.run() in the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from participant.core import (
     AbortBranch,
@@ -32,12 +35,14 @@ from participant.operations import Handler, OperationRegistry, OperationSpec
 from participant.resources import Finish, Resource
 from schemas import topology
 from schemas.codec import encode
+from schemas.effects import Send
 from schemas.messages import Heartbeat
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
-from twophase import config
+from twophase import config, logs, tracing
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
 from twophase.driver import BatchDriver
+from twophase.metrics import MetricsServer, ParticipantMetrics
 
 log = logging.getLogger("twophase.participant")
 
@@ -77,6 +82,8 @@ class Participant:
         orphan_after_s: float = 60.0,
         retention_s: float = 3600.0,
         settings: ParticipantSettings | None = None,
+        metrics_port: int | None = None,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         topology.participant_queue(name)  # validates the name
         self.name = name
@@ -90,7 +97,14 @@ class Participant:
         self.retention_s = retention_s
         self.prefetch = prefetch
         self.settings = settings or ParticipantSettings()
+        #: Prometheus endpoint (TWOPHASE_METRICS_PORT; 0, the default, serves none)
+        self.metrics_port = config.metrics_port(metrics_port, 0)
+        #: where the metrics are registered (default: the global registry); given one, the
+        #: worker counts even without a port
+        self.metrics_registry = metrics_registry
         self.registry = OperationRegistry()
+        #: builds the channel: AmqpChannel, or twophase.memory's double in tests
+        self.channel_factory: Callable[..., Any] | None = None
         self._worker: ParticipantWorker | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -149,7 +163,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.resource = app.resource
         self.resource.bind(app.name)
         journal = PrepareLog(app.log_url, app.name)
-        channel = AmqpChannel(
+        channel = (app.channel_factory or AmqpChannel)(
             app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
         )
         queue = topology.participant_queue(app.name)
@@ -164,7 +178,24 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.every(app.heartbeat_interval_s, self._heartbeat)
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
+        tracing.setup_from_env(f"twophase-{app.name}")
+        self.trace = tracing.ParticipantTrace(app.name) if tracing.ENABLED else None
+        self.metrics: ParticipantMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        if app.metrics_port or app.metrics_registry is not None:
+            self.metrics = ParticipantMetrics(app.name, app.metrics_registry)
+            self.every(0.5, self.metrics.refresh)
+        self.observing = self.trace is not None or self.metrics is not None
         self.recover()
+        if app.metrics_port:
+            self.metrics_server = MetricsServer(app.metrics_port, app.metrics_registry)
+
+    def serve_forever(self) -> None:
+        try:
+            super().serve_forever()
+        finally:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
 
     def recover(self) -> None:
         """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
@@ -201,7 +232,8 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         """
         if self._to_finish:
             finishing, self._to_finish = self._to_finish, []
-            self.resource.finish_many([self._finish_item(e) for e in finishing])
+            with self._traced_finish(finishing):
+                self.resource.finish_many([self._finish_item(e) for e in finishing])
             crashpoint("participant.after_commit")
         if not self._to_prepare:
             return ()
@@ -218,6 +250,8 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 )
                 results.append(BranchExecuted(effect.tx_id, ok=False, reason=reason))
             else:
+                if self.trace is not None:
+                    spec = self.trace.handler(spec, effect.tx_id)
                 known.append((effect, spec))
         refusals = self.resource.prepare_many([(e.tx_id, spec, e.args) for e, spec in known])
         crashpoint("participant.after_prepare")
@@ -235,6 +269,55 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         # without its operation; the resource may remember it.
         operation = effect.operation or self.resource.stored_operation(effect.tx_id) or ""
         return (effect.tx_id, self.app.registry.get(operation), effect.args, False)
+
+    def _traced_finish(
+        self, finishing: list[CommitBranch | AbortBranch]
+    ) -> contextlib.AbstractContextManager[None]:
+        if self.trace is None:
+            return contextlib.nullcontext()
+        return self.trace.finishing(
+            [(e.tx_id, e.operation, isinstance(e, CommitBranch)) for e in finishing]
+        )
+
+    # ---- observation: tracing and metrics ------------------------------------------------------
+
+    def on_incoming(self, event: Any, now: int) -> None:
+        if self.trace is not None:
+            if isinstance(event, BranchExecuted):
+                branch = self.core.branches.get(event.tx_id)
+                operation = branch.operation if branch else ""
+                self.trace.executed(event.tx_id, operation, event.ok, event.reason)
+            elif isinstance(event, Recovered):
+                self.trace.recovered(event.prepared)
+            else:
+                self.trace.on_incoming(event)
+        if self.metrics is not None and isinstance(event, Recovered):
+            self.metrics.recovered(event.prepared, now)
+
+    def on_effect(self, effect: Any, now: int) -> None:
+        if self.trace is not None:
+            self.trace.on_effect(effect)
+            if isinstance(effect, CommitBranch | AbortBranch):
+                self.trace.finish_requested(effect.tx_id)
+        if self.metrics is not None:
+            self.metrics.on_effect(effect, now)
+
+    def headers_for(self, send: Send) -> dict[str, str] | None:
+        if self.trace is not None:
+            return self.trace.headers_for(send)
+        return super().headers_for(send)
+
+    def on_flushed(self, records: Sequence[ParticipantRecord], started_ns: int) -> None:
+        if self.trace is not None:
+            self.trace.on_flushed(records, started_ns)
+        if self.metrics is not None:
+            self.metrics.on_flushed(records, started_ns)
+
+    def on_batch_end(self, messages: int) -> None:
+        if self.trace is not None:
+            self.trace.on_batch_end()
+        if self.metrics is not None:
+            self.metrics.on_batch_end(messages)
 
     def _spec(self, operation: str) -> OperationSpec:
         spec = self.app.registry.get(operation)
@@ -266,6 +349,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 self.app.name,
                 tx_id,
                 overdue,
+                extra=logs.tx(tx_id, self.core.branches[tx_id].traceparent),
             )
 
     def _collect_garbage(self, now: int) -> None:

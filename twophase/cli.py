@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twophase import admin_cli, config
+from twophase import admin_cli, config, logs
 from twophase.store import ConfigurationError
 
 Command = Callable[[argparse.Namespace], int]
@@ -28,6 +28,9 @@ def _coordinator(args: argparse.Namespace) -> int:
             log_url=config.log_url(args.log_url, "coordinator", args.data_dir),
             prefetch=int(config.number(args.prefetch, "TWOPHASE_PREFETCH", 512, minimum=1)),
             settings=settings,
+            metrics_port=config.metrics_port(args.metrics_port, 9464),
+            metrics_best_effort=args.metrics_port is None
+            and "TWOPHASE_METRICS_PORT" not in os.environ,
         )
     )
     return 0
@@ -61,6 +64,8 @@ def _participant(args: argparse.Namespace) -> int:
         app.amqp_url = config.amqp_url(args.amqp_url)
     if args.log_url:
         app.log_url = args.log_url
+    if args.metrics_port is not None:
+        app.metrics_port = config.metrics_port(args.metrics_port, 0)
     app.run()
     return 0
 
@@ -102,9 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--data-dir", help="directory of the default SQLite logs [TWOPHASE_DATA_DIR]"
         )
 
+    def log_format(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--log-format",
+            choices=logs.FORMATS,
+            help="log lines as kv or json [TWOPHASE_LOG_FORMAT]",
+        )
+
     p = sub.add_parser("coordinator", help="run the coordinator service")
     common(p)
     p.add_argument("--log-url", help="decision log: path or database URL [TWOPHASE_LOG_URL]")
+    p.add_argument(
+        "--metrics-port", help="Prometheus endpoint port, 0 disables [TWOPHASE_METRICS_PORT, 9464]"
+    )
+    log_format(p)
     p.add_argument("--prefetch", help="deliveries per batch [TWOPHASE_PREFETCH]")
     p.add_argument(
         "--liveness-timeout", help="seconds without heartbeat [TWOPHASE_LIVENESS_TIMEOUT]"
@@ -115,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--app", required=True, help="module:object giving a participant.Participant")
     p.add_argument("--log-url", help="prepare log: path or database URL [TWOPHASE_LOG_URL]")
+    p.add_argument(
+        "--metrics-port", help="Prometheus endpoint port, 0 disables [TWOPHASE_METRICS_PORT, 0]"
+    )
+    log_format(p)
     p.set_defaults(run=_participant)
 
     p = sub.add_parser("demo", help="move money between three bank participants")
@@ -151,11 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_format = logs.log_format(getattr(args, "log_format", None))
+    except ConfigurationError as exc:
+        print(f"twophase {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    # structured lines (key=value or JSON) carrying tx_id and trace_id: see twophase/logs.py
+    logs.configure(log_format, logging.DEBUG if args.verbose else logging.INFO, sys.stderr)
     # pika logs every failed connection attempt with a traceback; our drivers turn those into
     # one-line errors or reconnects, so its own log would only repeat them noisily.
     logging.getLogger("pika").setLevel(logging.CRITICAL)

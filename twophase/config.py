@@ -9,6 +9,9 @@ TWOPHASE_PREFETCH              deliveries per batch (default 512; participants 2
 TWOPHASE_LIVENESS_TIMEOUT      seconds without a heartbeat before a participant is down (3)
 TWOPHASE_HEARTBEAT_INTERVAL    participant heartbeat period in seconds (1)
 TWOPHASE_CRASHPOINTS           name[:probability],... for fault injection (off)
+TWOPHASE_METRICS_PORT          Prometheus endpoint port; 0 disables (coordinator 9464,
+                               participants 0)
+TWOPHASE_LOG_FORMAT            kv (key=value, default) or json
 =============================  ==========================================================
 """
 
@@ -57,3 +60,19 @@ def number(flag: str | None, variable: str, default: float, *, minimum: float = 
     if value < minimum:
         raise ConfigurationError(f"{variable} must be at least {minimum}, got {value}")
     return value
+
+
+def metrics_port(flag: str | int | None, default: int) -> int:
+    """``--metrics-port`` / ``TWOPHASE_METRICS_PORT``: a TCP port, 0 disables."""
+    text = str(setting(None if flag is None else str(flag), "TWOPHASE_METRICS_PORT", str(default)))
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"TWOPHASE_METRICS_PORT / --metrics-port must be a port number, got {text!r}"
+        ) from None
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(
+            f"TWOPHASE_METRICS_PORT / --metrics-port must be 0 (off) to 65535, got {port}"
+        )
+    return port

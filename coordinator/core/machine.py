@@ -137,6 +137,12 @@ class CoordinatorCore:
             return "unknown"
         return "up" if now_ms - seen.last_seen_ms <= self.settings.liveness_timeout_ms else "down"
 
+    def listening_again(self, now_ms: int) -> None:
+        """The coordinator heard nothing until ``now_ms`` (its connection was down): as after a
+        start, participants get one liveness timeout for a heartbeat before they count as down,
+        rather than being refused for a silence that was the coordinator's own."""
+        self.started_ms = now_ms
+
     # ---- transitions -------------------------------------------------------------------------
 
     def _begin_look_up(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
@@ -236,7 +242,7 @@ class CoordinatorCore:
         tx.votes[vote.participant] = vote.vote
         if len(tx.votes) < len(tx.participants):
             return []
-        return self._commit(tx)
+        return self._commit(tx, now_ms)
 
     def _vote_timeout(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
         silent = [p for p in tx.participants if p not in tx.votes]
@@ -245,7 +251,7 @@ class CoordinatorCore:
         reason = f"no vote from {', '.join(silent)} within {timeout} ms"
         return self._abort(tx, reason, silent[0] if silent else None)
 
-    def _commit(self, tx: Transaction) -> list[Effect]:
+    def _commit(self, tx: Transaction, now_ms: int) -> list[Effect]:
         voters = tuple(p for p in tx.participants if tx.votes.get(p) is VoteKind.YES)
         committed = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.COMMITTED)
         effects: list[Effect] = [
@@ -267,7 +273,8 @@ class CoordinatorCore:
         tx.state = TxState.COMMITTING
         tx.awaiting_ack = set(voters)
         tx.resend_delay_ms = self.settings.resend_initial_ms
-        return effects
+        # until every YES voter ACKs: a lost COMMIT or ACK must not leave the transaction open
+        return [*effects, self._first_resend_timer(tx, now_ms)]
 
     def _abort(
         self,
@@ -412,7 +419,9 @@ class CoordinatorCore:
                 return None  # just started: heartbeats may not have arrived yet
             return f"unknown participant {name!r}: no heartbeat received from it"
         silence = now_ms - seen.last_seen_ms
-        if silence > max(timeout, 3 * seen.interval_ms):
+        # silence from before the coordinator could listen (start, reconnect) is not theirs
+        listened = now_ms - max(seen.last_seen_ms, self.started_ms)
+        if listened > max(timeout, 3 * seen.interval_ms):
             return f"participant {name!r} is down: last heartbeat {silence / 1000:.1f} s ago"
         return None
 
