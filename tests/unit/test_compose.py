@@ -17,7 +17,6 @@ import json
 import re
 import shlex
 import uuid
-import warnings
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -41,7 +40,7 @@ SOURCE_PACKAGES = ("twophase", "coordinator", "participant")
 #: TWOPHASE_* variables the compose file sets before the code reads them: planned by the
 #: observability work (metrics endpoint, structured logs). Remove a name once the code reads it;
 #: ``test_planned_variables_are_still_planned`` warns when that is the case.
-PLANNED_BY_OBSERVABILITY = frozenset({"TWOPHASE_METRICS_PORT", "TWOPHASE_LOG_FORMAT"})
+PLANNED_BY_OBSERVABILITY: frozenset[str] = frozenset()  # everything compose sets is read now
 
 METRICS_PORT = 9464
 EXPECTED_PORTS = {  # service -> container ports published on the same host port
@@ -246,14 +245,6 @@ def test_twophase_variables_are_read_by_the_code() -> None:
         if name not in literals and name not in PLANNED_BY_OBSERVABILITY
     )
     assert not unknown, f"set in compose but read nowhere in {SOURCE_PACKAGES}: {unknown}"
-
-
-def test_planned_variables_are_still_planned() -> None:
-    for name in sorted(PLANNED_BY_OBSERVABILITY & string_literals()):
-        warnings.warn(
-            f"{name} is read by the code now: remove it from PLANNED_BY_OBSERVABILITY",
-            stacklevel=1,
-        )
 
 
 def test_infrastructure_is_healthy_before_the_services_start() -> None:
