@@ -21,7 +21,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -289,8 +289,10 @@ class Client:
                     waiting += pending.futures
                     pending.end_span(outcome)
         for future in waiting:
-            if not future.done():
-                future.set_result(outcome)
+            # the caller may cancel between the check and the set: that must not kill this thread
+            with contextlib.suppress(InvalidStateError):
+                if not future.done():
+                    future.set_result(outcome)
 
     def _resend_due(self) -> None:
         now = now_ms()

@@ -126,7 +126,7 @@ _KNOWN = """SELECT EXISTS (SELECT 1 FROM pg_prepared_xacts
 class PostgresResource:
     """The handler runs in a native PostgreSQL branch: PREPARE TRANSACTION / COMMIT PREPARED."""
 
-    def __init__(self, url: str, *, pool_size: int = 4, lock_timeout: float = 2.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, lock_timeout: float = 0.5) -> None:
         if pool_size < 1:
             raise ResourceError(f"pool_size must be at least 1, not {pool_size}")
         self._url = re.sub(r"^(postgres(?:ql)?)\+psycopg:", r"\1:", url)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -34,14 +35,13 @@ from participant.log import PrepareLog
 from participant.operations import Handler, OperationRegistry, OperationSpec
 from participant.resources import Finish, Resource
 from schemas import topology
-from schemas.codec import encode
 from schemas.effects import Send
-from schemas.messages import Heartbeat
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from twophase import config, logs, tracing
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
 from twophase.driver import BatchDriver
+from twophase.heartbeat import HeartbeatSender
 from twophase.metrics import MetricsServer, ParticipantMetrics
 
 log = logging.getLogger("twophase.participant")
@@ -175,7 +175,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.last_orphans: list[tuple[str, float]] = []
         self._to_prepare: list[ExecuteBranch] = []
         self._to_finish: list[CommitBranch | AbortBranch] = []
-        self.every(app.heartbeat_interval_s, self._heartbeat)
+        self.last_progress = time.monotonic()
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
         tracing.setup_from_env(f"twophase-{app.name}")
@@ -191,11 +191,25 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             self.metrics_server = MetricsServer(app.metrics_port, app.metrics_registry)
 
     def serve_forever(self) -> None:
+        heartbeats = HeartbeatSender(
+            self.app.name,
+            self.app.heartbeat_interval_s,
+            lambda: (self.app.channel_factory or AmqpChannel)(
+                self.app.amqp_url, prefetch=1, connection_name=f"twophase-{self.app.name}-heartbeat"
+            ),
+            lambda: self.last_progress,
+        )
+        heartbeats.start()
         try:
             super().serve_forever()
         finally:
+            heartbeats.stop()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+
+    def turn(self) -> None:
+        super().turn()
+        self.last_progress = time.monotonic()
 
     def recover(self) -> None:
         """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
@@ -209,7 +223,11 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 len(prepared),
                 len(in_resource),
             )
-        self._injected.append(Recovered(prepared, in_resource, committed))
+        # Branches finished shortly before the crash are remembered too: a redelivered PREPARE
+        # or COMMIT for one is answered from the log, never run again (rule 4).
+        since = time.time() - self.app.settings.remember_ms / 1000
+        completed = self.prepare_log.completed_since(since)
+        self._injected.append(Recovered(prepared, in_resource, committed, completed=completed))
 
     def handle(self, event: Any, now: int) -> Sequence[Any]:
         return self.core.handle(event, now)
@@ -324,11 +342,6 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         if spec is None:  # prepared by an older version of this service that had the operation
             raise RuntimeError(f"{self.app.name}: operation {operation!r} is no longer registered")
         return spec
-
-    def _heartbeat(self, now: int) -> None:
-        interval_ms = int(self.app.heartbeat_interval_s * 1000)
-        beat = Heartbeat(participant=self.app.name, sent_at_ms=now, interval_ms=interval_ms)
-        self.publish_now(topology.COORDINATOR_QUEUE, encode(beat))
 
     def orphans(self, now: int) -> list[tuple[str, float]]:
         """Undecided branches ``orphan_after_s`` past their deadline, and by how long."""

@@ -230,10 +230,19 @@ class BatchDriver(ABC, Generic[R]):
             try:
                 self.turn()
             except ConnectionLost as exc:
-                log.warning("connection to RabbitMQ lost (%s); reconnecting", exc)
-                self.stats.reconnects += 1
-                self.channel.reconnect()
+                self._recover_connection(exc)
+
+    def _recover_connection(self, exc: ConnectionLost) -> None:
+        """Reconnect and re-publish the last batch's messages, as often as the broker bounces."""
+        while True:
+            log.warning("connection to RabbitMQ lost (%s); reconnecting", exc)
+            self.stats.reconnects += 1
+            self.channel.reconnect()
+            try:
                 self._republish()
+                return
+            except ConnectionLost as again:
+                exc = again
 
     def turn(self) -> None:
         now = now_ms()

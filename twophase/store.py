@@ -226,6 +226,13 @@ class RecordLog:
             self._grouped(conn.execute(query), found)
         return found
 
+    def rows_of_kind_since(self, kind: str, since: float) -> list[LogRow]:
+        """Rows of ``kind`` written at or after ``since`` (epoch seconds), ordered by seq."""
+        t = self.table
+        query = sa.select(t).where(t.c.kind == kind, t.c.written_at >= since).order_by(t.c.seq)
+        with self.engine.connect() as conn:
+            return [self._row(r) for r in conn.execute(query)]
+
     def tx_ids(self, *, limit: int = 1000, offset: int = 0) -> list[str]:
         """Distinct tx ids, most recent (highest seq) first."""
         t = self.table

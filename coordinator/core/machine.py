@@ -80,6 +80,8 @@ class Transaction:
     votes: dict[str, VoteKind] = field(default_factory=dict)
     awaiting_ack: set[str] = field(default_factory=set)
     resend_delay_ms: int = 0
+    #: participants that asked (a late YES vote, an inquiry) while the log is read
+    askers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -161,7 +163,10 @@ class CoordinatorCore:
         return [LookUp(tx.tx_id)]
 
     def _join_begin(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
-        reply_to = _message(event, Begin).reply_to
+        begin = _message(event, Begin)
+        reply_to = begin.reply_to
+        if tx.state is TxState.LOOKING_UP and tx.begin is None:  # the look-up began for an asker
+            tx.begin, tx.traceparent = begin, _traceparent(event)
         if reply_to not in tx.reply_to:
             tx.reply_to.append(reply_to)
         if tx.state is TxState.COMMITTING:
@@ -181,15 +186,20 @@ class CoordinatorCore:
         finished = _recorded_outcome(event.records)
         if finished is not None:
             del self.transactions[tx.tx_id]
-            return [Send(q, finished, tx.traceparent) for q in tx.reply_to + tx.status_reply_to]
+            effects: list[Effect] = [
+                Send(q, finished, tx.traceparent) for q in tx.reply_to + tx.status_reply_to
+            ]
+            return effects + self._answer_askers(tx, finished.outcome is OutcomeKind.COMMITTED)
         if tx.begin is None:
             del self.transactions[tx.tx_id]
             unknown = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.UNKNOWN)
-            return [Send(q, unknown) for q in tx.status_reply_to]
+            effects = [Send(q, unknown) for q in tx.status_reply_to]
+            return effects + self._answer_askers(tx, committed=False)
         if any(isinstance(r, TxBegun) for r in event.records):
             # Started by an earlier incarnation that crashed before deciding; recovery normally
             # aborts these, so reaching here means the log was read before recovery finished.
-            return self._abort(tx, "the coordinator restarted before deciding", None)
+            aborted = self._abort(tx, "the coordinator restarted before deciding", None)
+            return aborted + self._answer_askers(tx, committed=False)
         return self._start(tx, now_ms)
 
     def _start(self, tx: Transaction, now_ms: int) -> list[Effect]:
@@ -356,19 +366,34 @@ class CoordinatorCore:
         pending = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.PENDING)
         return [Send(topology.participant_queue(inquire.participant), pending, tx.traceparent)]
 
-    def _presume_abort(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
-        """No record in memory of an undecided or committing transaction means abort."""
-        message = event.message if isinstance(event, Incoming) else None
-        participant = getattr(message, "participant", "")
-        abort = Abort(
-            tx_id=tx.tx_id, participant=participant, reason="no decision on record: presumed abort"
-        )
-        return [Send(topology.participant_queue(participant), abort, _traceparent(event))]
+    def _look_up_for_asker(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        """A YES vote or an inquiry for a transaction not in memory: the log answers (rule 4).
 
-    def _vote_unknown(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
-        if _message(event, Vote).vote is VoteKind.YES:
-            return self._presume_abort(tx, event, now_ms)
-        return []
+        Not in memory means finished (ENDED, or aborted) or never begun here; an ENDED commit is
+        still in the log, and its late asker must hear COMMIT, not a presumed abort.
+        """
+        message = event.message if isinstance(event, Incoming) else None
+        if isinstance(message, Vote) and message.vote is not VoteKind.YES:
+            return []  # a NO or READ_ONLY voter holds nothing: nothing to tell it
+        tx.askers.append(getattr(message, "participant", ""))
+        tx.traceparent = tx.traceparent or _traceparent(event)
+        if tx.state is TxState.LOOKING_UP:
+            return []
+        tx.state = TxState.LOOKING_UP
+        self.transactions[tx.tx_id] = tx
+        return [LookUp(tx.tx_id)]
+
+    def _answer_askers(self, tx: Transaction, committed: bool) -> list[Effect]:
+        answers: list[Effect] = []
+        for participant in dict.fromkeys(tx.askers):
+            queue = topology.participant_queue(participant)
+            if committed:
+                answers.append(Send(queue, Commit(tx_id=tx.tx_id, participant=participant)))
+            else:
+                reason = "no decision on record: presumed abort"
+                abort = Abort(tx_id=tx.tx_id, participant=participant, reason=reason)
+                answers.append(Send(queue, abort, tx.traceparent))
+        return answers
 
     def _ignore(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
         return []
@@ -492,16 +517,16 @@ TRANSITIONS: dict[tuple[TxState, str], Handler] = {
     (V, "StatusQuery"): C._join_status,
     (K, "StatusQuery"): C._join_status,
     (L, "HistoryLoaded"): C._history_loaded,
-    (N, "Vote"): C._vote_unknown,
-    (L, "Vote"): C._ignore,  # from an earlier incarnation; the participant will be told later
+    (N, "Vote"): C._look_up_for_asker,
+    (L, "Vote"): C._look_up_for_asker,
     (V, "Vote"): C._vote,
     (K, "Vote"): C._commit_again,
     (N, "Ack"): C._ignore,  # late duplicate after END
     (L, "Ack"): C._ignore,
     (V, "Ack"): C._ignore,  # from an earlier incarnation of the same tx_id
     (K, "Ack"): C._ack,
-    (N, "Inquire"): C._presume_abort,
-    (L, "Inquire"): C._ignore,  # the participant asks again after its back-off
+    (N, "Inquire"): C._look_up_for_asker,
+    (L, "Inquire"): C._look_up_for_asker,
     (V, "Inquire"): C._still_deciding,
     (K, "Inquire"): C._commit_again,
     (N, "Timer:vote"): C._ignore,  # a timer that raced with the decision

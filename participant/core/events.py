@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.effects import Incoming, TimerFired
-from schemas.records import BranchPrepared
+from schemas.records import BranchCompleted, BranchPrepared
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,9 @@ class Recovered:
     resource_prepared: Set[str] = field(default_factory=frozenset)
     resource_committed: Set[str] = field(default_factory=frozenset)
     tx_id: str = ""
+    #: COMPLETED records of branches finished recently (at least those whose PREPARE deadline
+    #: has not passed): a duplicate PREPARE for one must not run its handler again (rule 4)
+    completed: list[BranchCompleted] = field(default_factory=list)
 
 
 Event = Incoming | TimerFired | BranchExecuted | Recovered

@@ -265,6 +265,13 @@ class ParticipantCore:
                 effects += self._finish(branch, Decision.ABORT, "rolled back before the crash")
             else:  # in doubt: ask at once rather than wait out the deadline
                 effects += self._inquire(branch, event, now_ms)
+        for done in event.completed:  # remembered like branches that finished just now
+            if done.tx_id in self.branches:
+                continue  # the first COMPLETED record of a branch is the one that counts
+            state = C if done.decision is Decision.COMMIT else A
+            self.branches[done.tx_id] = BranchInfo(done.tx_id, state, deadline_ms=now_ms)
+            forget_at = now_ms + self.settings.remember_ms
+            effects.append(StartTimer((FORGET_TIMER, done.tx_id), forget_at))
         known = {r.tx_id for r in event.prepared}
         for tx_id in sorted(event.resource_prepared - known):
             # Prepared in the resource but no PREPARED record: this branch never voted YES.

@@ -138,6 +138,16 @@ class World:
         self.banks[app.name] = app
         self.drivers.append(worker)
 
+    def heartbeats(self) -> None:
+        """What the participants' heartbeat threads would have said (they run only in serve)."""
+        from schemas.effects import Incoming
+        from schemas.messages import Heartbeat
+        from twophase.driver import now_ms
+
+        for name in self.banks:
+            beat = Heartbeat(participant=name, sent_at_ms=now_ms(), interval_ms=1000)
+            self.coordinator.core.handle(Incoming(beat), now_ms())
+
     def start(self) -> None:
         for driver in self.drivers:
             if driver.queue not in driver.channel.consuming:  # type: ignore[attr-defined]
@@ -406,6 +416,7 @@ def test_a_refused_transaction_still_has_its_tx_span(
 ) -> None:
     world = World(tmp_path, monkeypatch)
     world.coordinator.core.started_ms -= 60_000  # past the start-up grace for heartbeats
+    world.heartbeats()
     with Client("amqp://fake/") as client:
         future = client.submit_future(
             [Branch("bank-a", "debit", {"account": "bank-a-0", "amount": 1}), ("bank-z", "x", {})],
