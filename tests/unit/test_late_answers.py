@@ -51,8 +51,8 @@ def test_a_late_yes_vote_after_end_is_answered_commit_from_the_log() -> None:
     core = CoordinatorCore(started_ms=NOW)
     effects = finished_commit(core)
     decision = next(
-        e.record for e in effects if getattr(e, "record", None).__class__ is TxCommitting
-    )  # type: ignore[union-attr]
+        e.record for e in effects if isinstance(e, Persist) and isinstance(e.record, TxCommitting)
+    )
     assert core.transactions == {}  # ENDED and forgotten
     late = core.handle(Incoming(Vote(tx_id="t", participant="a", vote=VoteKind.YES)), NOW)
     assert late == [LookUp("t")]
