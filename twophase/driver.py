@@ -271,12 +271,16 @@ class BatchDriver(ABC, Generic[R]):
         self.stats.batches += 1
         self.stats.messages_in += len(deliveries)
         self._run_events(events, now)
-        self._flush_records()
-        crashpoint(f"{self.side}.after_persist")
-        self._publish()
-        crashpoint(f"{self.side}.after_publish")
+        # A crash point fires only where its step did something, so that an armed point hits
+        # a batch that really persisted, published or acked (not an idle turn at start-up).
+        if self._flush_records():
+            crashpoint(f"{self.side}.after_persist")
+        if self._sends:
+            self._publish()
+            crashpoint(f"{self.side}.after_publish")
         self.channel.ack(good)
-        crashpoint(f"{self.side}.after_ack")
+        if good:
+            crashpoint(f"{self.side}.after_ack")
         if self.observing:
             self.on_batch_end(len(deliveries))
 
@@ -333,13 +337,16 @@ class BatchDriver(ABC, Generic[R]):
         """Records of ``tx_id`` handled in this batch but not yet flushed."""
         return [r for r in self._records if r.tx_id == tx_id]  # type: ignore[attr-defined]
 
-    def _flush_records(self) -> None:
-        if self._records:
-            started_ns = time.time_ns()
-            self.journal.append(self._records)
-            if self.observing:
-                self.on_flushed(self._records, started_ns)
-            self._records = []
+    def _flush_records(self) -> bool:
+        """Make the batch's records durable in one transaction; whether there were any."""
+        if not self._records:
+            return False
+        started_ns = time.time_ns()
+        self.journal.append(self._records)
+        if self.observing:
+            self.on_flushed(self._records, started_ns)
+        self._records = []
+        return True
 
     def _publish(self) -> None:
         if not self._sends:
