@@ -77,7 +77,9 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         self.retention_s = config.retention_s
         self.every(60.0, self._collect_garbage)
         tracing.setup_from_env("twophase-coordinator")
-        self.trace = tracing.CoordinatorTrace() if tracing.ENABLED else None
+        self.trace: tracing.CoordinatorTrace | None = (
+            tracing.CoordinatorTrace() if tracing.ENABLED else None
+        )
         self.metrics: CoordinatorMetrics | None = None
         if config.metrics_port or config.metrics_registry is not None:
             self.metrics = CoordinatorMetrics(config.metrics_registry)
@@ -138,29 +140,6 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
                 self.metrics.recovered(event.unfinished)
         elif self.trace is not None:
             self.trace.on_incoming(event)
-
-    def on_effect(self, effect: Any, now: int) -> None:
-        if self.trace is not None:
-            self.trace.on_effect(effect)
-        if self.metrics is not None:
-            self.metrics.on_effect(effect, now)
-
-    def headers_for(self, send: Send) -> dict[str, str] | None:
-        if self.trace is not None:
-            return self.trace.headers_for(send)
-        return super().headers_for(send)
-
-    def on_flushed(self, records: Sequence[CoordinatorRecord], started_ns: int) -> None:
-        if self.trace is not None:
-            self.trace.on_flushed(records, started_ns)
-        if self.metrics is not None:
-            self.metrics.on_flushed(records, started_ns)
-
-    def on_batch_end(self, messages: int) -> None:
-        if self.trace is not None:
-            self.trace.on_batch_end()
-        if self.metrics is not None:
-            self.metrics.on_batch_end(messages)
 
     def _refresh_metrics(self, now: int) -> None:
         if self.metrics is not None:

@@ -35,7 +35,6 @@ from participant.log import PrepareLog
 from participant.operations import Handler, OperationRegistry, OperationSpec
 from participant.resources import Finish, Resource
 from schemas import topology
-from schemas.effects import Send
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from twophase import config, logs, tracing
 from twophase.amqp import AmqpChannel
@@ -179,7 +178,9 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
         tracing.setup_from_env(f"twophase-{app.name}")
-        self.trace = tracing.ParticipantTrace(app.name) if tracing.ENABLED else None
+        self.trace: tracing.ParticipantTrace | None = (
+            tracing.ParticipantTrace(app.name) if tracing.ENABLED else None
+        )
         self.metrics: ParticipantMetrics | None = None
         self.metrics_server: MetricsServer | None = None
         if app.metrics_port or app.metrics_registry is not None:
@@ -313,29 +314,9 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             self.metrics.recovered(event.prepared, now)
 
     def on_effect(self, effect: Any, now: int) -> None:
-        if self.trace is not None:
-            self.trace.on_effect(effect)
-            if isinstance(effect, CommitBranch | AbortBranch):
-                self.trace.finish_requested(effect.tx_id)
-        if self.metrics is not None:
-            self.metrics.on_effect(effect, now)
-
-    def headers_for(self, send: Send) -> dict[str, str] | None:
-        if self.trace is not None:
-            return self.trace.headers_for(send)
-        return super().headers_for(send)
-
-    def on_flushed(self, records: Sequence[ParticipantRecord], started_ns: int) -> None:
-        if self.trace is not None:
-            self.trace.on_flushed(records, started_ns)
-        if self.metrics is not None:
-            self.metrics.on_flushed(records, started_ns)
-
-    def on_batch_end(self, messages: int) -> None:
-        if self.trace is not None:
-            self.trace.on_batch_end()
-        if self.metrics is not None:
-            self.metrics.on_batch_end(messages)
+        super().on_effect(effect, now)
+        if self.trace is not None and isinstance(effect, CommitBranch | AbortBranch):
+            self.trace.finish_requested(effect.tx_id)
 
     def _spec(self, operation: str) -> OperationSpec:
         spec = self.app.registry.get(operation)

@@ -155,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed of load and faults")
     p.add_argument("--pg-url", help="PostgreSQL server; a fresh database is made on it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument(
-        "--no-broker-restart", action="store_true", help="skip the full broker restart"
-    )
+    p.add_argument("--no-broker-restart", action="store_true", help="skip the full broker restart")
     p.set_defaults(run=_chaos)
 
     p = sub.add_parser("bench", help="measure throughput and latency, with baselines")

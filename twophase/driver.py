@@ -141,6 +141,9 @@ class BatchDriver(ABC, Generic[R]):
         self._chores: list[_Chore] = []
         #: set by a side that traces or counts: the observation hooks below are called
         self.observing = False
+        #: the side's span bookkeeping (twophase.tracing) and metrics (twophase.metrics), if on
+        self.trace: Any = None
+        self.metrics: Any = None
         stats_file = os.environ.get(selfstats.ENV)
         if stats_file:
             self.every(0.5, lambda _now: selfstats.write(stats_file, self.counters()))
@@ -178,16 +181,31 @@ class BatchDriver(ABC, Generic[R]):
 
     def on_effect(self, effect: Any, now: int) -> None:
         """The core returned ``effect``; it is applied next."""
+        if self.trace is not None:
+            self.trace.on_effect(effect)
+        if self.metrics is not None:
+            self.metrics.on_effect(effect, now)
 
     def headers_for(self, send: Send) -> dict[str, str] | None:
         """The AMQP headers ``send`` is published with."""
+        if self.trace is not None:
+            headers: dict[str, str] | None = self.trace.headers_for(send)
+            return headers
         return {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
 
     def on_flushed(self, records: Sequence[R], started_ns: int) -> None:
         """``records`` were made durable by one log transaction that started at ``started_ns``."""
+        if self.trace is not None:
+            self.trace.on_flushed(records, started_ns)
+        if self.metrics is not None:
+            self.metrics.on_flushed(records, started_ns)
 
     def on_batch_end(self, messages: int) -> None:
         """The batch of ``messages`` deliveries is done: published, confirmed and acked."""
+        if self.trace is not None:
+            self.trace.on_batch_end()
+        if self.metrics is not None:
+            self.metrics.on_batch_end(messages)
 
     def counters(self) -> dict[str, int]:
         """What ``twophase bench`` reads: traffic, and forced writes as log transactions."""
