@@ -50,6 +50,10 @@ Branch = tuple[str, OperationSpec, dict[str, Any]]
 Finish = tuple[str, OperationSpec | None, dict[str, Any], bool]
 
 
+class _NeedsIsolation(Exception):
+    """An optimistic batch met a refusal or failure: redo it with a savepoint per branch."""
+
+
 class ResourceError(Exception):
     """The resource is misconfigured or hit a heuristic outcome; the message says what to fix."""
 
@@ -400,59 +404,85 @@ class ReservationResource:
             raise refusal
 
     def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
-        """Prepare a batch in ONE local transaction, each branch in a savepoint of its own.
+        """Prepare a batch in ONE local transaction: one durable commit for the whole batch.
 
-        One durable commit for the batch instead of one per branch; a refused branch rolls back
-        its savepoint only. Returns, per branch, its refusal or None.
+        The batch first runs optimistically, every handler straight in the transaction (one
+        round trip each, plus three for the batch). If any handler refuses or fails, that
+        attempt is rolled back and the batch runs again with a savepoint around each handler,
+        so a refusal undoes its own branch only. Handlers may therefore run twice; their first
+        run leaves nothing behind. Returns, per branch, its refusal or None.
         """
         self._bound()  # a misconfiguration, not a NO vote
-        results: list[Refuse | None] = []
+        if not branches:
+            return []
         try:
-            with self._engine.connect() as conn, conn.begin() as trans:
-                for tx_id, op, args in branches:
-                    results.append(self._prepare_one(conn, trans, tx_id, op, args))
+            try:
+                return self._prepare_batch(branches, isolate=False)
+            except _NeedsIsolation:
+                return self._prepare_batch(branches, isolate=True)
         except Refuse as refusal:  # the transaction as a whole failed (e.g. a handler ended it)
             return [refusal] * len(branches)
         except Exception as exc:
             return [_caused(_refusal(exc), exc)] * len(branches)
+
+    def _prepare_batch(self, branches: Sequence[Branch], *, isolate: bool) -> list[Refuse | None]:
+        t = _reservations
+        results: list[Refuse | None] = []
+        new_rows: list[dict[str, Any]] = []
+        with self._engine.connect() as conn, conn.begin() as trans:
+            states = self._states(conn, [tx_id for tx_id, _, _ in branches])
+            for tx_id, op, args in branches:
+                state = states.get(tx_id)
+                if state == "aborted":
+                    results.append(Refuse(f"transaction {tx_id} is already aborted"))
+                    continue
+                if state is not None:
+                    results.append(None)  # already prepared (or committed)
+                    continue
+                try:
+                    payload = json.dumps(args, sort_keys=True, allow_nan=False)
+                except ValueError as exc:
+                    results.append(_caused(_refusal(exc), exc))
+                    continue
+                savepoint = conn.begin_nested() if isolate else None
+                try:
+                    op.prepare(conn, args)
+                    if not trans.is_active:
+                        raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+                except Exception as exc:
+                    if savepoint is None:
+                        raise _NeedsIsolation from exc
+                    if not trans.is_active:
+                        raise
+                    savepoint.rollback()
+                    results.append(exc if isinstance(exc, Refuse) else _caused(_refusal(exc), exc))
+                    continue
+                if savepoint is not None:
+                    savepoint.commit()
+                states[tx_id] = "prepared"
+                new_rows.append(
+                    {
+                        "participant": self._participant,
+                        "tx_id": tx_id,
+                        "operation": op.name,
+                        "state": "prepared",
+                        "args": payload,
+                    }
+                )
+                results.append(None)
+            if new_rows:
+                conn.execute(sa.insert(t), new_rows)
         return results
 
-    def _prepare_one(
-        self,
-        conn: sa.Connection,
-        trans: sa.RootTransaction,
-        tx_id: str,
-        op: OperationSpec,
-        args: dict[str, Any],
-    ) -> Refuse | None:
-        key = self._key(tx_id)
-        row = conn.execute(sa.select(_reservations.c.state).where(key)).first()
-        if row is not None and row.state == "aborted":
-            return Refuse(f"transaction {tx_id} is already aborted")
-        if row is not None:
-            return None  # already prepared (or committed)
-        savepoint = conn.begin_nested()
-        try:
-            payload = json.dumps(args, sort_keys=True, allow_nan=False)
-            op.prepare(conn, args)
-            if not trans.is_active:
-                raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
-            conn.execute(
-                sa.insert(_reservations).values(
-                    participant=self._participant,
-                    tx_id=tx_id,
-                    operation=op.name,
-                    state="prepared",
-                    args=payload,
-                )
+    def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
+        t, found = _reservations, {}
+        for start in range(0, len(tx_ids), 500):
+            chunk = tx_ids[start : start + 500]
+            query = sa.select(t.c.tx_id, t.c.state).where(
+                t.c.participant == self._bound(), t.c.tx_id.in_(chunk)
             )
-        except Exception as exc:
-            if not trans.is_active:
-                raise
-            savepoint.rollback()
-            return exc if isinstance(exc, Refuse) else _caused(_refusal(exc), exc)
-        savepoint.commit()
-        return None
+            found.update({row.tx_id: row.state for row in conn.execute(query)})
+        return found
 
     def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
         self._decide(tx_id, op, "committed")
@@ -496,11 +526,22 @@ class ReservationResource:
         return sa.and_(t.c.participant == self._bound(), t.c.tx_id == tx_id)
 
     def finish_many(self, branches: Sequence[Finish]) -> None:
-        """Commit or abort a batch in ONE local transaction, each branch in a savepoint.
+        """Commit or abort a batch in ONE local transaction.
 
-        A hook that raises leaves its branch prepared while the others go through; the first
-        such error is raised after the batch is durable.
+        Optimistically first: the state rows change with one UPDATE per outcome, then each
+        hook runs. If anything fails, the attempt is rolled back and the batch runs again with
+        a savepoint per branch: a hook that raises leaves its own branch prepared while the
+        others go through, and the first such error is raised once the batch is durable.
         """
+        if not branches:
+            return
+        try:
+            with self._engine.begin() as conn:
+                self._finish_optimistically(conn, branches)
+        except Exception:
+            self._finish_isolated(branches)  # reproduces every failure, branch by branch
+
+    def _finish_isolated(self, branches: Sequence[Finish]) -> None:
         failures: list[Exception] = []
         with self._engine.begin() as conn:
             for tx_id, op, _args, commit in branches:
@@ -514,6 +555,44 @@ class ReservationResource:
                     savepoint.commit()
         if failures:
             raise failures[0]
+
+    def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
+        t, participant = _reservations, self._bound()
+        rows = {
+            row.tx_id: row
+            for row in conn.execute(
+                sa.select(t.c.tx_id, t.c.state, t.c.operation, t.c.args).where(
+                    t.c.participant == participant, t.c.tx_id.in_([b[0] for b in branches])
+                )
+            )
+        }
+        for outcome in ("committed", "aborted"):
+            wanted = [b for b in branches if (b[3] is True) == (outcome == "committed")]
+            to_change = [b[0] for b in wanted if rows.get(b[0]) and rows[b[0]].state == "prepared"]
+            if to_change:
+                changed = conn.execute(
+                    sa.update(t)
+                    .where(
+                        t.c.participant == participant,
+                        t.c.tx_id.in_(to_change),
+                        t.c.state == "prepared",
+                    )
+                    .values(state=outcome, decided_at=sa.func.now())
+                ).rowcount
+                if changed != len(set(to_change)):
+                    raise ResourceError("a reservation changed under the batch")
+            for tx_id, op, _args, _commit in wanted:
+                row = rows.get(tx_id)
+                if row is None or row.state != "prepared":
+                    state = None if row is None else row.state
+                    if state == outcome or (state is None and outcome == "aborted"):
+                        continue  # done before, or an abort of a branch never prepared here
+                    raise ResourceError(f"cannot finish {tx_id!r}: it is {state}")
+                if op is None or op.name != row.operation:
+                    raise ResourceError(f"{tx_id!r} needs operation {row.operation!r}")
+                hook = op.on_commit if outcome == "committed" else op.on_abort
+                if hook is not None:
+                    hook(conn, json.loads(row.args))
 
     def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:
         with self._engine.begin() as conn:

@@ -8,8 +8,10 @@ Choices made here (the architecture leaves them open):
   when it returns), ``busy_timeout=10000`` and ``foreign_keys=ON``. The pool is SQLAlchemy's
   ``QueuePool`` with ``check_same_thread=False``, so one engine serves many threads; SQLite
   serialises the writers and ``busy_timeout`` makes them wait instead of failing.
-* PostgreSQL engines use ``pool_pre_ping`` and a pool of 5, with a 10 s connect timeout unless the
-  URL names one. Creating an engine never connects; :func:`check_connection` does, and turns a
+* PostgreSQL engines use a pool of 5, with a 10 s connect timeout unless the URL names one. No
+  ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets a dropped
+  connection is retried on a fresh one (SQLAlchemy invalidates the pool on a disconnect).
+  Creating an engine never connects; :func:`check_connection` does, and turns a
   failure into a one-line :class:`ConfigurationError`.
 * :class:`RecordLog` writes each batch in one transaction (group commit) with an executemany
   insert. ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
@@ -41,6 +43,7 @@ __all__ = [
 _CHUNK = 500
 _TX_ID_MAX = 200
 _KIND_MAX = 40
+_APPEND_ATTEMPTS = 3
 
 
 class ConfigurationError(Exception):
@@ -104,7 +107,7 @@ def make_engine(url: str) -> Engine:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = 10
-    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, connect_args=connect_args)
+    return sa.create_engine(parsed, pool_size=5, connect_args=connect_args)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -183,8 +186,17 @@ class RecordLog:
             params.append(
                 {"tx_id": row.tx_id, "kind": row.kind, "body": bytes(row.body), "written_at": now}
             )
-        with self.engine.begin() as conn:
-            conn.execute(sa.insert(self.table), params)
+        for attempt in range(_APPEND_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.insert(self.table), params)
+                break
+            except sa.exc.DBAPIError as exc:
+                # A connection the server dropped (restart, idle kill): retry on a fresh one. If
+                # the commit itself was lost in flight the rows may be written twice, which the
+                # readers tolerate: records are facts, and a repeated fact changes nothing.
+                if not exc.connection_invalidated or attempt == _APPEND_ATTEMPTS - 1:
+                    raise
         with self._lock:
             self.flushes += 1
             self.rows_written += len(rows)
