@@ -31,7 +31,7 @@ from twophase import bank, config, selfstats
 from twophase.bench_baselines import broker_ceiling, naive_two_phase_commit
 from twophase.bench_report import percentile, plot_sweep, print_table
 from twophase.processes import ServiceGroup
-from twophase.store import database_url
+from twophase.store import ConfigurationError, database_url
 
 RESOURCES = ("reservation", "postgres", "sqlite")
 ACCOUNTS = 20_000
@@ -263,6 +263,13 @@ def _drop_database(pg_url: str, name: str) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     url = config.amqp_url(args.amqp_url)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - fail before minutes of measuring, not after
+        except ImportError:
+            raise ConfigurationError(
+                "--plot needs matplotlib: pip install 'twophase[bench]'"
+            ) from None
     workdir = Path(tempfile.mkdtemp(prefix="twophase-bench-"))
     db_name = f"twophase_bench_{uuid.uuid4().hex[:8]}"
     needs_pg = args.log == "postgres" or args.resource != "sqlite"

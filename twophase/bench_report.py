@@ -51,7 +51,12 @@ def print_table(result: dict[str, Any], out: IO[str]) -> None:
 
 
 def plot_sweep(points: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from twophase.store import ConfigurationError
+
+        raise ConfigurationError("--plot needs matplotlib: pip install 'twophase[bench]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
