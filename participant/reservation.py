@@ -1,0 +1,316 @@
+"""ReservationResource: a participant's branches as reservation rows in any SQLAlchemy database.
+
+The Resource protocol, ResourceError, the Branch / Finish aliases, the shared helpers and
+PostgresResource live in :mod:`participant.resources`, which re-exports ReservationResource (import
+it from there); its module docstring lists the choices both resources make. This module holds
+ReservationResource, its ``twophase_reservation`` table and its helpers. The shared helpers are
+called through the module (``resources._refusal``), looked up at each call as before the split.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from participant import resources
+from participant.operations import OperationSpec, Refuse
+from participant.resources import Branch, Finish, ResourceError
+
+
+class _NeedsIsolation(Exception):
+    """An optimistic batch met a refusal or failure: redo it with a savepoint per branch."""
+
+
+_metadata = sa.MetaData()
+_reservations = sa.Table(
+    "twophase_reservation",
+    _metadata,
+    sa.Column("participant", sa.String(255), primary_key=True),
+    sa.Column("tx_id", sa.String(255), primary_key=True),
+    sa.Column("operation", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # prepared | committed | aborted
+    sa.Column("args", sa.Text, nullable=False),  # JSON
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+    sa.Column("decided_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_twophase_reservation_state", "participant", "state"),
+)
+
+
+def _sqlalchemy_url(url: str) -> str:
+    if "://" not in url:
+        return f"sqlite:///{url}"  # a bare path is a SQLite file
+    return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
+
+
+class ReservationResource:
+    """Any SQLAlchemy database: prepare records and checks a hold, commit applies, abort releases.
+
+    Exactly once: the hook and the state change of the ``twophase_reservation`` row happen in one
+    local transaction, and the change is ``UPDATE ... WHERE state = 'prepared'``.
+    """
+
+    def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+        self._engine = sa.create_engine(_sqlalchemy_url(url))
+        self._participant: str | None = None
+        if self._engine.dialect.name == "sqlite":
+            timeout_ms = max(0, round(busy_timeout * 1000))
+
+            @sa.event.listens_for(self._engine, "connect")
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+                dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see below)
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
+                cur.close()
+
+            @sa.event.listens_for(self._engine, "begin")
+            def _on_begin(conn: sa.Connection) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def bind(self, participant: str) -> None:
+        if not participant or len(participant) > 255:
+            raise ResourceError(f"participant name {participant!r} must have 1 to 255 characters")
+        if self._participant not in (None, participant):
+            raise ResourceError(f"resource already bound to participant {self._participant!r}")
+        try:
+            _metadata.create_all(self._engine)
+        except sa.exc.DBAPIError:
+            _metadata.create_all(self._engine)  # lost a race with a concurrent creator
+        self._participant = participant
+
+    def prepare(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
+        refusal = self.prepare_many([(tx_id, op, args)])[0]
+        if refusal is not None:
+            raise refusal
+
+    def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
+        """Prepare a batch in ONE local transaction: one durable commit for the whole batch.
+
+        The batch first runs optimistically, every handler straight in the transaction (one
+        round trip each, plus three for the batch). If any handler refuses or fails, that
+        attempt is rolled back and the batch runs again with a savepoint around each handler,
+        so a refusal undoes its own branch only. Handlers may therefore run twice; their first
+        run leaves nothing behind. Returns, per branch, its refusal or None.
+        """
+        self._bound()  # a misconfiguration, not a NO vote
+        if not branches:
+            return []
+        try:
+            try:
+                return self._prepare_batch(branches, isolate=False)
+            except _NeedsIsolation:
+                return self._prepare_batch(branches, isolate=True)
+        except Refuse as refusal:  # the transaction as a whole failed (e.g. a handler ended it)
+            return [refusal] * len(branches)
+        except Exception as exc:
+            return [resources._caused(resources._refusal(exc), exc)] * len(branches)
+
+    def _prepare_batch(self, branches: Sequence[Branch], *, isolate: bool) -> list[Refuse | None]:
+        t = _reservations
+        results: list[Refuse | None] = []
+        new_rows: list[dict[str, Any]] = []
+        with self._engine.connect() as conn, conn.begin() as trans:
+            states = self._states(conn, [tx_id for tx_id, _, _ in branches])
+            for tx_id, op, args in branches:
+                state = states.get(tx_id)
+                if state == "aborted":
+                    results.append(Refuse(f"transaction {tx_id} is already aborted"))
+                    continue
+                if state is not None:
+                    results.append(None)  # already prepared (or committed)
+                    continue
+                try:
+                    payload = json.dumps(args, sort_keys=True, allow_nan=False)
+                except ValueError as exc:
+                    results.append(resources._caused(resources._refusal(exc), exc))
+                    continue
+                savepoint = conn.begin_nested() if isolate else None
+                try:
+                    op.prepare(conn, args)
+                    if not trans.is_active:
+                        raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+                except Exception as exc:
+                    if savepoint is None:
+                        raise _NeedsIsolation from exc
+                    if not trans.is_active:
+                        raise
+                    savepoint.rollback()
+                    results.append(
+                        exc
+                        if isinstance(exc, Refuse)
+                        else resources._caused(resources._refusal(exc), exc)
+                    )
+                    continue
+                if savepoint is not None:
+                    savepoint.commit()
+                states[tx_id] = "prepared"
+                new_rows.append(
+                    {
+                        "participant": self._participant,
+                        "tx_id": tx_id,
+                        "operation": op.name,
+                        "state": "prepared",
+                        "args": payload,
+                    }
+                )
+                results.append(None)
+            if new_rows:
+                conn.execute(sa.insert(t), new_rows)
+        return results
+
+    def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
+        t, found = _reservations, {}
+        for start in range(0, len(tx_ids), 500):
+            chunk = tx_ids[start : start + 500]
+            query = sa.select(t.c.tx_id, t.c.state).where(
+                t.c.participant == self._bound(), t.c.tx_id.in_(chunk)
+            )
+            found.update({row.tx_id: row.state for row in conn.execute(query)})
+        return found
+
+    def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
+        self._decide(tx_id, op, "committed")
+
+    def abort(self, tx_id: str, op: OperationSpec | None, args: dict[str, Any]) -> None:
+        self._decide(tx_id, op, "aborted")
+
+    def prepared(self) -> set[str]:
+        t = _reservations
+        query = sa.select(t.c.tx_id).where(
+            t.c.participant == self._bound(), t.c.state == "prepared"
+        )
+        with self._engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def committed(self, tx_ids: Iterable[str]) -> set[str]:
+        t, participant = _reservations, self._bound()
+        query = sa.select(t.c.tx_id).where(
+            t.c.participant == participant, t.c.tx_id.in_(list(tx_ids)), t.c.state == "committed"
+        )
+        with self._engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def stored_operation(self, tx_id: str) -> str | None:
+        """The operation a prepared reservation was made by (recovery of orphans needs it)."""
+        with self._engine.connect() as conn:
+            return conn.execute(
+                sa.select(_reservations.c.operation).where(self._key(tx_id))
+            ).scalar()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def _bound(self) -> str:
+        if self._participant is None:
+            raise ResourceError("call bind(participant) before using the resource")
+        return self._participant
+
+    def _key(self, tx_id: str) -> sa.ColumnElement[bool]:
+        t = _reservations
+        return sa.and_(t.c.participant == self._bound(), t.c.tx_id == tx_id)
+
+    def finish_many(self, branches: Sequence[Finish]) -> None:
+        """Commit or abort a batch in ONE local transaction.
+
+        Optimistically first: the state rows change with one UPDATE per outcome, then each
+        hook runs. If anything fails, the attempt is rolled back and the batch runs again with
+        a savepoint per branch: a hook that raises leaves its own branch prepared while the
+        others go through, and the first such error is raised once the batch is durable.
+        """
+        if not branches:
+            return
+        try:
+            with self._engine.begin() as conn:
+                self._finish_optimistically(conn, branches)
+        except Exception:
+            self._finish_isolated(branches)  # reproduces every failure, branch by branch
+
+    def _finish_isolated(self, branches: Sequence[Finish]) -> None:
+        failures: list[Exception] = []
+        with self._engine.begin() as conn:
+            for tx_id, op, _args, commit in branches:
+                savepoint = conn.begin_nested()
+                try:
+                    self._decide_in(conn, tx_id, op, "committed" if commit else "aborted")
+                except Exception as exc:
+                    savepoint.rollback()
+                    failures.append(exc)
+                else:
+                    savepoint.commit()
+        if failures:
+            raise failures[0]
+
+    def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
+        t, participant = _reservations, self._bound()
+        rows = {
+            row.tx_id: row
+            for row in conn.execute(
+                sa.select(t.c.tx_id, t.c.state, t.c.operation, t.c.args).where(
+                    t.c.participant == participant, t.c.tx_id.in_([b[0] for b in branches])
+                )
+            )
+        }
+        for outcome in ("committed", "aborted"):
+            wanted = [b for b in branches if (b[3] is True) == (outcome == "committed")]
+            to_change = [b[0] for b in wanted if rows.get(b[0]) and rows[b[0]].state == "prepared"]
+            if to_change:
+                changed = conn.execute(
+                    sa.update(t)
+                    .where(
+                        t.c.participant == participant,
+                        t.c.tx_id.in_(to_change),
+                        t.c.state == "prepared",
+                    )
+                    .values(state=outcome, decided_at=sa.func.now())
+                ).rowcount
+                if changed != len(set(to_change)):
+                    raise ResourceError("a reservation changed under the batch")
+            for tx_id, op, _args, _commit in wanted:
+                row = rows.get(tx_id)
+                if row is None or row.state != "prepared":
+                    state = None if row is None else row.state
+                    if state == outcome or (state is None and outcome == "aborted"):
+                        continue  # done before, or an abort of a branch never prepared here
+                    raise ResourceError(f"cannot finish {tx_id!r}: it is {state}")
+                if op is None or op.name != row.operation:
+                    raise ResourceError(f"{tx_id!r} needs operation {row.operation!r}")
+                hook = op.on_commit if outcome == "committed" else op.on_abort
+                if hook is not None:
+                    hook(conn, json.loads(row.args))
+
+    def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:
+        with self._engine.begin() as conn:
+            self._decide_in(conn, tx_id, op, outcome)
+
+    def _decide_in(
+        self, conn: sa.Connection, tx_id: str, op: OperationSpec | None, outcome: str
+    ) -> None:
+        key, t = self._key(tx_id), _reservations
+        verb = "commit" if outcome == "committed" else "abort"
+        updated = conn.execute(
+            sa.update(t)
+            .where(key, t.c.state == "prepared")
+            .values(state=outcome, decided_at=sa.func.now())
+        ).rowcount
+        row = conn.execute(sa.select(t.c.state, t.c.operation, t.c.args).where(key)).first()
+        if updated != 1 or row is None:
+            state = None if row is None else row.state
+            if state == outcome or (state is None and outcome == "aborted"):
+                return  # done before, or an abort of a transaction never prepared here
+            raise ResourceError(
+                f"cannot {verb} {tx_id!r} of participant {self._participant!r}: it is"
+                f" {state or 'not prepared here'} (heuristic hazard); resolve it manually"
+            )
+        if op is None or op.name != row.operation:
+            raise ResourceError(
+                f"cannot {verb} {tx_id!r}: it needs operation {row.operation!r}, got"
+                f" {None if op is None else op.name!r}; register that operation"
+            )
+        hook = op.on_commit if outcome == "committed" else op.on_abort
+        if hook is not None:
+            hook(conn, json.loads(row.args))
