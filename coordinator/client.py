@@ -95,6 +95,8 @@ class Client:
         self._channel: AmqpChannel | None = None
         #: AMQP messages this client published (the benchmark counts them)
         self.messages_sent = 0
+        #: protocol messages inside them (an envelope carries several)
+        self.protocol_messages_sent = 0
         #: tracing set up from OTEL_* by this client (a reference released on close)
         self._tracing = tracing.acquire("twophase-client")
         ready: Future[None] = Future()
@@ -278,6 +280,7 @@ class Client:
                 )
                 channel.publish(queue, encode(envelope))
             self.messages_sent += 1
+            self.protocol_messages_sent += len(items)
         channel.wait_for_confirms()
 
     def _resolve(self, outcome: Outcome) -> None:

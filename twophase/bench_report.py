@@ -36,6 +36,7 @@ def print_table(result: dict[str, Any], out: IO[str]) -> None:
         "p99_ms",
         "max_ms",
         "messages_per_tx",
+        "protocol_messages_per_tx",
         "forced_writes_per_tx",
         "unknown",
     ):

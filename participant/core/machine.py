@@ -134,10 +134,14 @@ class ParticipantCore:
         prepare = _message(event, Prepare)
         branch.operation, branch.args = prepare.operation, prepare.args
         branch.deadline_ms, branch.traceparent = prepare.deadline_ms, _traceparent(event)
-        self.branches[branch.tx_id] = branch
         if now_ms > prepare.deadline_ms:
-            late = now_ms - prepare.deadline_ms
-            return self._refuse(branch, f"PREPARE arrived {late} ms after its deadline")
+            # Nothing was done here, so nothing is logged or remembered: this may be a duplicate
+            # for a branch that committed here and was forgotten since (its log must not say
+            # "aborted" now, and a re-sent COMMIT must still be ACKed).
+            reason = f"PREPARE arrived {now_ms - prepare.deadline_ms} ms after its deadline"
+            vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason)
+            return [self._send(branch, vote)]
+        self.branches[branch.tx_id] = branch
         branch.state = BranchState.EXECUTING
         return [ExecuteBranch(branch.tx_id, prepare.operation, prepare.args)]
 
