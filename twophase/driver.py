@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -104,7 +104,6 @@ class DriverStats:
     dead_lettered: int = 0
     protocol_violations: int = 0
     reconnects: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
