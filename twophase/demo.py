@@ -8,7 +8,6 @@ import functools
 import json
 import random
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank, config
 from twophase.amqp import AmqpChannel, BrokerUnavailable
+from twophase.bench_report import percentile
 from twophase.processes import ServiceGroup
 
 BANKS = ("bank-a", "bank-b", "bank-c")
@@ -58,14 +58,6 @@ class DemoResult:
             why = outcome.reason.split("voted NO: ", 1)[-1]
             kind = re.split(r" in |:", why)[0]
             self.abort_reasons[kind] = self.abort_reasons.get(kind, 0) + 1
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def random_transfer(rng: random.Random, accounts: int) -> list[Branch]:

@@ -468,6 +468,13 @@ def test_a_late_yes_vote_after_end_hears_commit_and_an_unknown_inquiry_abort() -
     assert core.state_of(TX) is TxState.NONE
 
 
+def test_a_late_no_or_read_only_vote_for_an_unknown_transaction_needs_no_answer() -> None:
+    core = coordinator_in(TxState.NONE)
+    assert core.handle(vote("a", VoteKind.NO), NOW) == []
+    assert core.handle(vote("a", VoteKind.READ_ONLY), NOW) == []
+    assert core.state_of(TX) is TxState.NONE
+
+
 def test_an_inquiry_while_voting_hears_pending_on_its_own_queue() -> None:
     core = started("a", "b")
     effects = core.handle(Incoming(Inquire(tx_id=TX, participant="b")), NOW)
