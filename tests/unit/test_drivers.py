@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from participant.worker import ParticipantWorker
 from schemas import topology
 from schemas.codec import decode_message, encode
 from schemas.messages import (
+    Ack,
     Begin,
     Branch,
     Commit,
@@ -153,10 +155,21 @@ class AuditingChannel(MemoryChannel):
                 records = log.history([message.tx_id]).get(message.tx_id, [])
                 assert any(isinstance(r, BranchPrepared) for r in records), message
                 self.checked += 1
+            if isinstance(message, Ack):  # rule 6: the commit is durable in the resource
+                db = sqlite3.connect(self.tmp / f"{message.participant}.db")
+                state = db.execute(
+                    "SELECT state FROM twophase_reservation WHERE participant = ? AND tx_id = ?",
+                    (message.participant, message.tx_id),
+                ).fetchone()
+                db.close()
+                assert state == ("committed",), message
+                self.checked += 1
         super().publish(routing_key, body, **kwargs)
 
 
-def test_commits_and_yes_votes_leave_only_after_their_records_are_durable(tmp_path: Path) -> None:
+def test_commits_votes_and_acks_leave_only_after_what_they_promise_is_durable(
+    tmp_path: Path,
+) -> None:
     broker = MemoryBroker()
     channels: list[AuditingChannel] = []
 
@@ -171,7 +184,7 @@ def test_commits_and_yes_votes_leave_only_after_their_records_are_durable(tmp_pa
         system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer(f"w{i}", 1)))
     system.settle()
     assert len(system.outcomes()) == 3
-    assert sum(c.checked for c in channels) == 3 * 3 + 3 * 3  # 9 YES votes, 9 COMMITs
+    assert sum(c.checked for c in channels) == 3 * 9  # 9 YES votes, 9 COMMITs, 9 ACKs
 
 
 def test_garbage_is_dead_lettered_and_the_driver_goes_on(system: System) -> None:
