@@ -9,8 +9,8 @@ from typing import IO, Any
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
-    if len(values) == 1:
-        return values[0]
+    if len(values) == 1 or q >= 100:
+        return max(values)
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 

@@ -1,0 +1,26 @@
+"""The benchmark's report helpers: percentiles and the latency-against-load plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from twophase.bench_report import percentile, plot_sweep
+
+
+def test_percentile_picks_nearest_rank() -> None:
+    samples = sorted(float(n) for n in range(1, 101))
+    assert percentile(samples, 50) == pytest.approx(50.0, abs=1.0)
+    assert percentile(samples, 99) == pytest.approx(99.0, abs=1.0)
+    assert percentile(samples, 100) == 100.0
+
+
+def test_plot_sweep_writes_a_png(tmp_path: Path) -> None:
+    points = [
+        {"offered_per_s": rate, "p50_ms": rate / 10, "p99_ms": rate / 5, "committed_per_s": rate}
+        for rate in (50, 150, 250)
+    ]
+    target = tmp_path / "sweep.png"
+    plot_sweep(points, str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
