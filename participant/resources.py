@@ -161,11 +161,11 @@ class PostgresResource:
         def setup(conn: _Conn) -> None:
             rows = _read(conn, "SHOW max_prepared_transactions", ())
             check_max_prepared_transactions(self._url, rows[0][0])
-            try:
-                conn.execute(_MARKER_DDL)
-                conn.commit()
-            except (pg_errors.UniqueViolation, pg_errors.DuplicateTable):
-                conn.rollback()  # created concurrently by another participant
+            # Concurrent CREATE TABLE IF NOT EXISTS can still collide in pg_type (seen as
+            # DuplicateObject), so participants starting together take turns.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('twophase_commit_marker'))")
+            conn.execute(_MARKER_DDL)
+            conn.commit()
 
         self._with_conn(setup)
         self._participant, self._prefix = participant, prefix
