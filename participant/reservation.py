@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish, ResourceError
+from twophase.store import AnalyzeSchedule, analyze_in_background, pg_connect_args
 
 
 class _NeedsIsolation(Exception):
@@ -46,6 +47,30 @@ def _sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
 
 
+# One statement for the whole batch on PostgreSQL (an executemany runs one per row).
+_UNNEST_INSERT = sa.text(
+    "INSERT INTO twophase_reservation (participant, tx_id, operation, state, args) "
+    "SELECT :participant, tx_id, operation, 'prepared', args FROM unnest("
+    "CAST(:tx_ids AS TEXT[]), CAST(:operations AS TEXT[]), CAST(:args AS TEXT[])) "
+    "AS batch(tx_id, operation, args)"
+)
+
+
+def _insert_reservations(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    if conn.dialect.name != "postgresql":
+        conn.execute(sa.insert(_reservations), rows)
+        return
+    conn.execute(
+        _UNNEST_INSERT,
+        {
+            "participant": rows[0]["participant"],
+            "tx_ids": [row["tx_id"] for row in rows],
+            "operations": [row["operation"] for row in rows],
+            "args": [row["args"] for row in rows],
+        },
+    )
+
+
 class ReservationResource:
     """Any SQLAlchemy database: prepare records and checks a hold, commit applies, abort releases.
 
@@ -54,8 +79,11 @@ class ReservationResource:
     """
 
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
-        self._engine = sa.create_engine(_sqlalchemy_url(url))
+        parsed = sa.make_url(_sqlalchemy_url(url))
+        connect_args = pg_connect_args(parsed) if parsed.get_backend_name() == "postgresql" else {}
+        self._engine = sa.create_engine(parsed, connect_args=connect_args)
         self._participant: str | None = None
+        self._analyze = AnalyzeSchedule()
         if self._engine.dialect.name == "sqlite":
             timeout_ms = max(0, round(busy_timeout * 1000))
 
@@ -111,7 +139,6 @@ class ReservationResource:
             return [resources._caused(resources._refusal(exc), exc)] * len(branches)
 
     def _prepare_batch(self, branches: Sequence[Branch], *, isolate: bool) -> list[Refuse | None]:
-        t = _reservations
         results: list[Refuse | None] = []
         new_rows: list[dict[str, Any]] = []
         with self._engine.connect() as conn, conn.begin() as trans:
@@ -160,7 +187,9 @@ class ReservationResource:
                 )
                 results.append(None)
             if new_rows:
-                conn.execute(sa.insert(t), new_rows)
+                _insert_reservations(conn, new_rows)
+        if self._analyze.wrote(len(new_rows)):
+            analyze_in_background(self._engine, _reservations)
         return results
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:

@@ -101,6 +101,14 @@ def test_core_api(log: RecordLog) -> None:
     assert log.count() == 0
 
 
+def test_one_batch_keeps_its_order(log: RecordLog) -> None:
+    kinds = [f"K{i:03d}" for i in range(300)]
+    log.append([LogRow("ordered", kind, kind.encode()) for kind in kinds])
+    found = log.rows_for(["ordered"])["ordered"]
+    assert [r.kind for r in found] == kinds
+    assert [r.body for r in found] == [k.encode() for k in kinds]
+
+
 def test_large_id_list_is_chunked(log: RecordLog) -> None:
     ids = [f"tx-{i}" for i in range(1203)]
     log.append([LogRow(i, "BEGIN", b"") for i in ids])

@@ -276,3 +276,15 @@ def test_concurrent_append_from_two_threads(log: RecordLog) -> None:
     assert log.unfinished(FINISHED) == {}
     for tx, lst in log.rows_for([f"t1-{i}" for i in range(50)]).items():
         assert [r.kind for r in lst] == ["BEGIN", "END"], tx
+
+
+def test_analyze_schedule_is_due_at_growing_thresholds() -> None:
+    from twophase.store import AnalyzeSchedule
+
+    schedule = AnalyzeSchedule(first=10, factor=4, last=200)
+    due = [n for n in range(1, 1001) if schedule.wrote(1)]
+    assert due == [10, 40, 160]
+    jumpy = AnalyzeSchedule(first=10, factor=4, last=200)
+    assert jumpy.wrote(100) is True  # past 10 and 40 at once: one ANALYZE, next at 160
+    assert jumpy.wrote(59) is False
+    assert jumpy.wrote(1) is True
