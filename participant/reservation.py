@@ -19,7 +19,15 @@ import sqlalchemy as sa
 from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish, ResourceError
-from twophase.store import AnalyzeSchedule, analyze_in_background, pg_connect_args
+from twophase.store import (
+    AnalyzeSchedule,
+    ConfigurationError,
+    analyze_in_background,
+    copy_rows,
+    database_url,
+    one_of,
+    pg_connect_args,
+)
 
 
 class _NeedsIsolation(Exception):
@@ -47,28 +55,13 @@ def _sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
 
 
-# One statement for the whole batch on PostgreSQL (an executemany runs one per row).
-_UNNEST_INSERT = sa.text(
-    "INSERT INTO twophase_reservation (participant, tx_id, operation, state, args) "
-    "SELECT :participant, tx_id, operation, 'prepared', args FROM unnest("
-    "CAST(:tx_ids AS TEXT[]), CAST(:operations AS TEXT[]), CAST(:args AS TEXT[])) "
-    "AS batch(tx_id, operation, args)"
-)
-
-
 def _insert_reservations(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
     if conn.dialect.name != "postgresql":
         conn.execute(sa.insert(_reservations), rows)
         return
-    conn.execute(
-        _UNNEST_INSERT,
-        {
-            "participant": rows[0]["participant"],
-            "tx_ids": [row["tx_id"] for row in rows],
-            "operations": [row["operation"] for row in rows],
-            "args": [row["args"] for row in rows],
-        },
-    )
+    columns = {"participant": "text", "tx_id": "text", "operation": "text"}
+    columns |= {"state": "text", "args": "text"}
+    copy_rows(conn, _reservations, columns, [tuple(row[c] for c in columns) for row in rows])
 
 
 class ReservationResource:
@@ -125,79 +118,108 @@ class ReservationResource:
         so a refusal undoes its own branch only. Handlers may therefore run twice; their first
         run leaves nothing behind. Returns, per branch, its refusal or None.
         """
+        return self._prepare(None, branches)
+
+    def prepare_many_in(
+        self, unit: sa.Connection, branches: Sequence[Branch]
+    ) -> list[Refuse | None]:
+        """:meth:`prepare_many` in ``unit``'s open transaction (see :meth:`begin_unit`); each
+        attempt runs in a savepoint, so a rolled-back attempt leaves the unit's other work."""
+        return self._prepare(unit, branches)
+
+    def _prepare(
+        self, unit: sa.Connection | None, branches: Sequence[Branch]
+    ) -> list[Refuse | None]:
         self._bound()  # a misconfiguration, not a NO vote
         if not branches:
             return []
         try:
             try:
-                return self._prepare_batch(branches, isolate=False)
+                return self._attempt(unit, branches, isolate=False)
             except _NeedsIsolation:
-                return self._prepare_batch(branches, isolate=True)
+                return self._attempt(unit, branches, isolate=True)
         except Refuse as refusal:  # the transaction as a whole failed (e.g. a handler ended it)
             return [refusal] * len(branches)
         except Exception as exc:
             return [resources._caused(resources._refusal(exc), exc)] * len(branches)
 
-    def _prepare_batch(self, branches: Sequence[Branch], *, isolate: bool) -> list[Refuse | None]:
-        results: list[Refuse | None] = []
-        new_rows: list[dict[str, Any]] = []
-        with self._engine.connect() as conn, conn.begin() as trans:
-            states = self._states(conn, [tx_id for tx_id, _, _ in branches])
-            for tx_id, op, args in branches:
-                state = states.get(tx_id)
-                if state == "aborted":
-                    results.append(Refuse(f"transaction {tx_id} is already aborted"))
-                    continue
-                if state is not None:
-                    results.append(None)  # already prepared (or committed)
-                    continue
-                try:
-                    payload = json.dumps(args, sort_keys=True, allow_nan=False)
-                except ValueError as exc:
-                    results.append(resources._caused(resources._refusal(exc), exc))
-                    continue
-                savepoint = conn.begin_nested() if isolate else None
-                try:
-                    op.prepare(conn, args)
-                    if not trans.is_active:
-                        raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
-                except Exception as exc:
-                    if savepoint is None:
-                        raise _NeedsIsolation from exc
-                    if not trans.is_active:
-                        raise
-                    savepoint.rollback()
-                    results.append(
-                        exc
-                        if isinstance(exc, Refuse)
-                        else resources._caused(resources._refusal(exc), exc)
-                    )
-                    continue
-                if savepoint is not None:
-                    savepoint.commit()
-                states[tx_id] = "prepared"
-                new_rows.append(
-                    {
-                        "participant": self._participant,
-                        "tx_id": tx_id,
-                        "operation": op.name,
-                        "state": "prepared",
-                        "args": payload,
-                    }
-                )
-                results.append(None)
-            if new_rows:
-                _insert_reservations(conn, new_rows)
-        if self._analyze.wrote(len(new_rows)):
+    def _attempt(
+        self, unit: sa.Connection | None, branches: Sequence[Branch], *, isolate: bool
+    ) -> list[Refuse | None]:
+        if unit is None:
+            with self._engine.connect() as conn, conn.begin() as trans:
+                results, written = self._prepare_batch(conn, trans, branches, isolate=isolate)
+        else:
+            with unit.begin_nested() as savepoint:
+                results, written = self._prepare_batch(unit, savepoint, branches, isolate=isolate)
+        if self._analyze.wrote(written):
             analyze_in_background(self._engine, _reservations)
         return results
+
+    def _prepare_batch(
+        self,
+        conn: sa.Connection,
+        trans: sa.Transaction,
+        branches: Sequence[Branch],
+        *,
+        isolate: bool,
+    ) -> tuple[list[Refuse | None], int]:
+        results: list[Refuse | None] = []
+        new_rows: list[dict[str, Any]] = []
+        states = self._states(conn, [tx_id for tx_id, _, _ in branches])
+        for tx_id, op, args in branches:
+            state = states.get(tx_id)
+            if state == "aborted":
+                results.append(Refuse(f"transaction {tx_id} is already aborted"))
+                continue
+            if state is not None:
+                results.append(None)  # already prepared (or committed)
+                continue
+            try:
+                payload = json.dumps(args, sort_keys=True, allow_nan=False)
+            except ValueError as exc:
+                results.append(resources._caused(resources._refusal(exc), exc))
+                continue
+            savepoint = conn.begin_nested() if isolate else None
+            try:
+                op.prepare(conn, args)
+                if not trans.is_active:
+                    raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+            except Exception as exc:
+                if savepoint is None:
+                    raise _NeedsIsolation from exc
+                if not trans.is_active:
+                    raise
+                savepoint.rollback()
+                results.append(
+                    exc
+                    if isinstance(exc, Refuse)
+                    else resources._caused(resources._refusal(exc), exc)
+                )
+                continue
+            if savepoint is not None:
+                savepoint.commit()
+            states[tx_id] = "prepared"
+            new_rows.append(
+                {
+                    "participant": self._participant,
+                    "tx_id": tx_id,
+                    "operation": op.name,
+                    "state": "prepared",
+                    "args": payload,
+                }
+            )
+            results.append(None)
+        if new_rows:
+            _insert_reservations(conn, new_rows)
+        return results, len(new_rows)
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
         t, found = _reservations, {}
         for start in range(0, len(tx_ids), 500):
             chunk = tx_ids[start : start + 500]
             query = sa.select(t.c.tx_id, t.c.state).where(
-                t.c.participant == self._bound(), t.c.tx_id.in_(chunk)
+                t.c.participant == self._bound(), one_of(t.c.tx_id, chunk, conn.dialect.name)
             )
             found.update({row.tx_id: row.state for row in conn.execute(query)})
         return found
@@ -257,22 +279,55 @@ class ReservationResource:
             with self._engine.begin() as conn:
                 self._finish_optimistically(conn, branches)
         except Exception:
-            self._finish_isolated(branches)  # reproduces every failure, branch by branch
+            with self._engine.begin() as conn:  # reproduces every failure, branch by branch
+                failures = self._finish_each(conn, branches)
+            if failures:
+                raise failures[0] from None
 
-    def _finish_isolated(self, branches: Sequence[Finish]) -> None:
+    def finish_many_in(self, unit: sa.Connection, branches: Sequence[Finish]) -> None:
+        """:meth:`finish_many` in ``unit``'s open transaction (see :meth:`begin_unit`).
+
+        When a hook fails, the unit is committed with the branches that went through before
+        the first error is raised, as :meth:`finish_many` would have left them.
+        """
+        if not branches:
+            return
+        try:
+            with unit.begin_nested():
+                self._finish_optimistically(unit, branches)
+        except Exception:
+            failures = self._finish_each(unit, branches)
+            if failures:
+                unit.commit()
+                raise failures[0] from None
+
+    def _finish_each(self, conn: sa.Connection, branches: Sequence[Finish]) -> list[Exception]:
         failures: list[Exception] = []
-        with self._engine.begin() as conn:
-            for tx_id, op, _args, commit in branches:
-                savepoint = conn.begin_nested()
-                try:
-                    self._decide_in(conn, tx_id, op, "committed" if commit else "aborted")
-                except Exception as exc:
-                    savepoint.rollback()
-                    failures.append(exc)
-                else:
-                    savepoint.commit()
-        if failures:
-            raise failures[0]
+        for tx_id, op, _args, commit in branches:
+            savepoint = conn.begin_nested()
+            try:
+                self._decide_in(conn, tx_id, op, "committed" if commit else "aborted")
+            except Exception as exc:
+                savepoint.rollback()
+                failures.append(exc)
+            else:
+                savepoint.commit()
+        return failures
+
+    def shares_database(self, url: str) -> bool:
+        """Whether ``url`` (a log's) names this resource's database."""
+        try:
+            theirs = sa.make_url(database_url(url))
+        except ConfigurationError:
+            return False
+        return theirs.render_as_string(False) == self._engine.url.render_as_string(False)
+
+    def begin_unit(self) -> sa.Connection:
+        """A connection in an open transaction, for ``*_in`` calls and log records: one commit
+        makes the batch's branches and records durable together. The caller commits, closes."""
+        conn = self._engine.connect()
+        conn.begin()
+        return conn
 
     def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
         t, participant = _reservations, self._bound()
@@ -280,7 +335,8 @@ class ReservationResource:
             row.tx_id: row
             for row in conn.execute(
                 sa.select(t.c.tx_id, t.c.state, t.c.operation, t.c.args).where(
-                    t.c.participant == participant, t.c.tx_id.in_([b[0] for b in branches])
+                    t.c.participant == participant,
+                    one_of(t.c.tx_id, [b[0] for b in branches], conn.dialect.name),
                 )
             )
         }
@@ -292,7 +348,7 @@ class ReservationResource:
                     sa.update(t)
                     .where(
                         t.c.participant == participant,
-                        t.c.tx_id.in_(to_change),
+                        one_of(t.c.tx_id, to_change, conn.dialect.name),
                         t.c.state == "prepared",
                     )
                     .values(state=outcome, decided_at=sa.func.now())

@@ -81,6 +81,18 @@ class Resource(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SharesTransactions(Protocol):
+    """A resource whose batch can be one local transaction with the prepare log's records,
+    when both live in one database (ReservationResource). The unit is a SQLAlchemy
+    Connection in an open transaction; the worker commits it once per batch."""
+
+    def shares_database(self, url: str) -> bool: ...
+    def begin_unit(self) -> Any: ...
+    def prepare_many_in(self, unit: Any, branches: Sequence[Branch]) -> list[Refuse | None]: ...
+    def finish_many_in(self, unit: Any, branches: Sequence[Finish]) -> None: ...
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (fit for messages and logs)."""
     url = re.sub(r"(password\s*=\s*)\S+", r"\1***", url)

@@ -33,7 +33,7 @@ from participant.core import (
 )
 from participant.log import PrepareLog
 from participant.operations import Handler, OperationRegistry, OperationSpec
-from participant.resources import Finish, Resource
+from participant.resources import Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from twophase import config, logs, tracing
@@ -172,6 +172,13 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.prepare_log = journal
         self.core = ParticipantCore(app.name, app.settings)
         self.last_orphans: list[tuple[str, float]] = []
+        #: the batch's one local transaction, when the resource and the log share a database
+        self.shared: SharesTransactions | None = None
+        if isinstance(self.resource, SharesTransactions) and self.resource.shares_database(
+            app.log_url
+        ):
+            self.shared = self.resource
+        self._unit: Any = None
         self._to_prepare: list[ExecuteBranch] = []
         self._to_finish: list[CommitBranch | AbortBranch] = []
         self.last_progress = time.monotonic()
@@ -209,8 +216,36 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 self.metrics_server.close()
 
     def turn(self) -> None:
-        super().turn()
+        try:
+            super().turn()
+        except BaseException:
+            self._close_unit()  # nothing of the failed batch becomes durable
+            raise
         self.last_progress = time.monotonic()
+
+    def _open_unit(self) -> Any:
+        if self._unit is None and self.shared is not None:
+            self._unit = self.shared.begin_unit()
+        return self._unit
+
+    def _close_unit(self) -> None:
+        unit, self._unit = self._unit, None
+        if unit is not None:
+            with contextlib.suppress(Exception):
+                unit.close()  # rolls back what was not committed
+
+    def write_records(self, records: list[ParticipantRecord]) -> None:
+        """With a shared database, the records join the batch's branches in ONE commit: the
+        branch, its record and (only after the commit) its vote or ACK cannot disagree."""
+        unit = self._unit
+        if unit is None:
+            super().write_records(records)
+            return
+        try:
+            self.prepare_log.append_in(unit, records)
+            unit.commit()
+        finally:
+            self._close_unit()
 
     def recover(self) -> None:
         """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
@@ -251,8 +286,12 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         """
         if self._to_finish:
             finishing, self._to_finish = self._to_finish, []
+            items = [self._finish_item(e) for e in finishing]
             with self._traced_finish(finishing):
-                self.resource.finish_many([self._finish_item(e) for e in finishing])
+                if self.shared is not None:
+                    self.shared.finish_many_in(self._open_unit(), items)
+                else:
+                    self.resource.finish_many(items)
             crashpoint("participant.after_commit")
         if not self._to_prepare:
             return ()
@@ -272,7 +311,11 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 if self.trace is not None:
                     spec = self.trace.handler(spec, effect.tx_id)
                 known.append((effect, spec))
-        refusals = self.resource.prepare_many([(e.tx_id, spec, e.args) for e, spec in known])
+        branches = [(e.tx_id, spec, e.args) for e, spec in known]
+        if self.shared is not None and branches:
+            refusals = self.shared.prepare_many_in(self._open_unit(), branches)
+        else:
+            refusals = self.resource.prepare_many(branches)
         crashpoint("participant.after_prepare")
         for (effect, _spec), refusal in zip(known, refusals, strict=True):
             if refusal is None:

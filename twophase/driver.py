@@ -354,16 +354,20 @@ class BatchDriver(ABC, Generic[R]):
         """Records of ``tx_id`` handled in this batch but not yet flushed."""
         return [r for r in self._records if r.tx_id == tx_id]  # type: ignore[attr-defined]
 
+    def write_records(self, records: list[R]) -> None:
+        """Make ``records`` durable in one transaction (group commit); called once per batch,
+        also with no records, before anything of the batch is published."""
+        if records:
+            self.journal.append(records)
+
     def _flush_records(self) -> bool:
-        """Make the batch's records durable in one transaction; whether there were any."""
-        if not self._records:
-            return False
+        """Make the batch's records durable; whether there were any."""
+        records, self._records = self._records, []
         started_ns = time.time_ns()
-        self.journal.append(self._records)
-        if self.observing:
-            self.on_flushed(self._records, started_ns)
-        self._records = []
-        return True
+        self.write_records(records)
+        if records and self.observing:
+            self.on_flushed(records, started_ns)
+        return bool(records)
 
     def _publish(self) -> None:
         if not self._sends:

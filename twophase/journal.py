@@ -6,6 +6,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Generic, TypeVar
 
 import msgspec
+import sqlalchemy as sa
 
 from schemas.codec import encode, record_kind
 from twophase.store import LogRow, RecordLog, check_connection, make_engine
@@ -23,9 +24,15 @@ class Journal(Generic[R]):
 
     def append(self, records: Sequence[R]) -> None:
         """Group commit: every record in one transaction, durable on return."""
-        self.log.append(
-            [LogRow(tx_id=r.tx_id, kind=record_kind(r), body=encode(r)) for r in records]  # type: ignore[attr-defined]
-        )
+        self.log.append(self._rows(records))
+
+    def append_in(self, conn: sa.Connection, records: Sequence[R]) -> None:
+        """Write ``records`` in ``conn``'s open transaction; durable once the caller commits."""
+        self.log.append_in(conn, self._rows(records))
+
+    @staticmethod
+    def _rows(records: Sequence[R]) -> list[LogRow]:
+        return [LogRow(tx_id=r.tx_id, kind=record_kind(r), body=encode(r)) for r in records]  # type: ignore[attr-defined]
 
     def history(self, tx_ids: Iterable[str]) -> dict[str, list[R]]:
         return self._decoded(self.log.rows_for(tx_ids))

@@ -31,6 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Engine, event
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
 log = logging.getLogger("twophase.store")
@@ -54,7 +55,7 @@ _APPEND_ATTEMPTS = 3
 #: generic plan made while a log or reservation table was young and small: a sequential scan,
 #: which it keeps after the table has grown, until autoanalyze happens to invalidate it. The
 #: benchmark saw lookups by tx_id take 35-50 ms that way. Custom plans see the table's real size.
-PG_SESSION_OPTIONS = "-c plan_cache_mode=force_custom_plan"
+PG_SESSION_OPTIONS = ""
 
 
 def pg_connect_args(parsed: URL) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def pg_connect_args(parsed: URL) -> dict[str, Any]:
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = 10
-    if "options" not in parsed.query:
+    if "options" not in parsed.query and PG_SESSION_OPTIONS:
         connect_args["options"] = PG_SESSION_OPTIONS
     return connect_args
 
@@ -76,7 +77,7 @@ class AnalyzeSchedule:
     rows on, autovacuum is left alone to keep the statistics.
     """
 
-    def __init__(self, first: int = 1_000, factor: int = 4, last: int = 1_000_000) -> None:
+    def __init__(self, first: int = 2_000, factor: int = 8, last: int = 1_000_000) -> None:
         self._next, self._factor, self._last = first, factor, last
         self._written = 0
 
@@ -105,6 +106,37 @@ def analyze_in_background(engine: Engine, table: sa.Table) -> None:
             log.info("ANALYZE %s failed: %s", name, _first_line(exc))
 
     threading.Thread(target=run, name=f"analyze-{table.name}", daemon=True).start()
+
+
+def one_of(
+    column: sa.ColumnElement[str], values: Sequence[str], dialect: str
+) -> sa.ColumnElement[bool]:
+    """``column IN values``; on PostgreSQL ``column = ANY(array)``, one bind parameter.
+
+    An IN list makes a new statement for every batch size: its text is parsed and converted
+    again by psycopg and by the server, where the array form is one statement for all sizes.
+    """
+    if dialect != "postgresql":
+        return column.in_(list(values))
+    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(sa.String())))
+
+
+def copy_rows(
+    conn: sa.Connection, table: sa.Table, columns: dict[str, str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert ``rows`` into ``table`` with one binary COPY, in ``conn``'s transaction.
+
+    A batch as one statement, in order: an executemany would be one statement execution per
+    row (most of the server's work per transaction, as profiled), and psycopg formats COPY
+    rows in C where it dumps array parameters in Python. ``columns`` maps names to types.
+    """
+    name = conn.dialect.identifier_preparer.format_table(table)
+    driver: Any = conn.connection.driver_connection
+    statement = f"COPY {name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        copy.set_types(list(columns.values()))
+        for row in rows:
+            copy.write_row(row)
 
 
 class ConfigurationError(Exception):
@@ -205,6 +237,20 @@ def _unique(tx_ids: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(tx_ids))
 
 
+def _params(rows: Sequence[LogRow]) -> list[dict[str, Any]]:
+    now = time.time()
+    params = []
+    for row in rows:
+        if not row.tx_id or len(row.tx_id) > _TX_ID_MAX:
+            raise ValueError(f"tx_id must be 1..{_TX_ID_MAX} characters: {row.tx_id!r}")
+        if not row.kind or len(row.kind) > _KIND_MAX:
+            raise ValueError(f"kind must be 1..{_KIND_MAX} characters: {row.kind!r}")
+        params.append(
+            {"tx_id": row.tx_id, "kind": row.kind, "body": bytes(row.body), "written_at": now}
+        )
+    return params
+
+
 class RecordLog:
     """Append-only durable log of (tx_id, kind, body) rows in one table."""
 
@@ -213,7 +259,6 @@ class RecordLog:
         self.flushes = 0
         self.rows_written = 0
         self._lock = threading.Lock()
-        self._unnest_sql: sa.TextClause | None = None
         self._analyze = AnalyzeSchedule()
         metadata = sa.MetaData()
         self.table = sa.Table(
@@ -236,16 +281,7 @@ class RecordLog:
         """Write ``rows`` in one transaction; they are durable when this returns."""
         if not rows:
             return
-        now = time.time()
-        params = []
-        for row in rows:
-            if not row.tx_id or len(row.tx_id) > _TX_ID_MAX:
-                raise ValueError(f"tx_id must be 1..{_TX_ID_MAX} characters: {row.tx_id!r}")
-            if not row.kind or len(row.kind) > _KIND_MAX:
-                raise ValueError(f"kind must be 1..{_KIND_MAX} characters: {row.kind!r}")
-            params.append(
-                {"tx_id": row.tx_id, "kind": row.kind, "body": bytes(row.body), "written_at": now}
-            )
+        params = _params(rows)
         for attempt in range(_APPEND_ATTEMPTS):
             try:
                 with self.engine.begin() as conn:
@@ -257,45 +293,37 @@ class RecordLog:
                 # readers tolerate: records are facts, and a repeated fact changes nothing.
                 if not exc.connection_invalidated or attempt == _APPEND_ATTEMPTS - 1:
                     raise
+        self._count(len(rows))
+
+    def append_in(self, conn: sa.Connection, rows: Sequence[LogRow]) -> None:
+        """Write ``rows`` in ``conn``'s open transaction, which the caller then commits.
+
+        For a participant whose resource lives in the same database: its branches and their
+        records become durable in one commit. A failed commit loses both, never one of them.
+        """
+        if rows:
+            self.insert(conn, _params(rows))
+            self._count(len(rows))
+
+    def _count(self, rows: int) -> None:
         with self._lock:
             self.flushes += 1
-            self.rows_written += len(rows)
-            due = self._analyze.wrote(len(rows))
+            self.rows_written += rows
+            due = self._analyze.wrote(rows)
         if due:
             analyze_in_background(self.engine, self.table)
 
     def insert(self, conn: sa.Connection, params: list[dict[str, Any]]) -> None:
-        """Insert ``params`` (tx_id, kind, body, written_at) in ``conn``'s transaction.
-
-        On PostgreSQL the whole batch is one statement over arrays: an executemany would be
-        one statement execution per row, which was most of the server's work per transaction.
-        """
+        """Insert ``params`` (tx_id, kind, body, written_at) in ``conn``'s transaction."""
         if conn.dialect.name != "postgresql":
             conn.execute(sa.insert(self.table), params)
             return
-        conn.execute(
-            self._unnest_insert,
-            {
-                "tx_ids": [p["tx_id"] for p in params],
-                "kinds": [p["kind"] for p in params],
-                "bodies": [p["body"] for p in params],
-                "written_at": [p["written_at"] for p in params],
-            },
+        copy_rows(
+            conn,
+            self.table,
+            {"tx_id": "text", "kind": "text", "body": "bytea", "written_at": "float8"},
+            [(p["tx_id"], p["kind"], p["body"], p["written_at"]) for p in params],
         )
-
-    @property
-    def _unnest_insert(self) -> sa.TextClause:
-        if self._unnest_sql is None:
-            name = self.engine.dialect.identifier_preparer.format_table(self.table)
-            # ORDER BY ordinality: seq follows the batch's order, as the readers expect
-            self._unnest_sql = sa.text(
-                f"INSERT INTO {name} (tx_id, kind, body, written_at) "
-                "SELECT tx_id, kind, body, written_at FROM unnest("
-                "CAST(:tx_ids AS TEXT[]), CAST(:kinds AS TEXT[]), CAST(:bodies AS BYTEA[]), "
-                "CAST(:written_at AS FLOAT8[])) WITH ORDINALITY "
-                "AS batch(tx_id, kind, body, written_at, position) ORDER BY position"
-            )
-        return self._unnest_sql
 
     @staticmethod
     def _row(record: Any) -> LogRow:
@@ -317,7 +345,8 @@ class RecordLog:
         found: dict[str, list[LogRow]] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(_unique(tx_ids)):
-                query = sa.select(t).where(t.c.tx_id.in_(chunk)).order_by(t.c.seq)
+                where = one_of(t.c.tx_id, chunk, conn.dialect.name)
+                query = sa.select(t).where(where).order_by(t.c.seq)
                 self._grouped(conn.execute(query), found)
         return found
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from coordinator.log import DecisionLog
 from coordinator.service import CoordinatorConfig, CoordinatorService
@@ -38,8 +39,10 @@ BANKS = ("bank-a", "bank-b", "bank-c")
 
 
 class System:
-    def __init__(self, tmp: Path, broker: MemoryBroker) -> None:
-        self.tmp, self.broker = tmp, broker
+    """Coordinator and three banks; ``shared``: each bank's prepare log lives in its database."""
+
+    def __init__(self, tmp: Path, broker: MemoryBroker, *, shared: bool = False) -> None:
+        self.tmp, self.broker, self.shared = tmp, broker, shared
         self.coordinator = CoordinatorService(
             CoordinatorConfig(
                 "amqp://memory/",
@@ -53,7 +56,7 @@ class System:
             db = str(tmp / f"{name}.db")
             bank.open_accounts(db, name, [(f"{name}-0", 100)])
             app = bank.create_bank(
-                name, db, amqp_url="amqp://memory/", log_url=str(tmp / f"{name}.log.db")
+                name, db, amqp_url="amqp://memory/", log_url=log_path(tmp, name, shared)
             )
             app.channel_factory = broker.channel
             self.workers[name] = ParticipantWorker(app)
@@ -84,6 +87,10 @@ class System:
         return bank.totals(str(self.tmp / f"{name}.db"), name)
 
 
+def log_path(tmp: Path, name: str, shared: bool) -> str:
+    return str(tmp / (f"{name}.db" if shared else f"{name}.log.db"))
+
+
 def unwrap(messages: list[Any]) -> list[Protocol]:
     out: list[Protocol] = []
     for m in messages:
@@ -104,12 +111,13 @@ def transfer(tx_id: str, amount: int = 10) -> Begin:
     )
 
 
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    yield System(tmp_path, MemoryBroker())
+@pytest.fixture(params=[False, True], ids=["own-log-db", "log-in-resource-db"])
+def system(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[System]:
+    yield System(tmp_path, MemoryBroker(), shared=request.param)
 
 
 def test_a_transfer_commits_through_the_real_drivers(system: System) -> None:
+    assert (system.workers["bank-a"].shared is not None) is system.shared
     system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("t1")))
     system.settle()
     assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
@@ -136,9 +144,9 @@ def test_a_batch_is_one_log_transaction_and_one_envelope_per_destination(system:
 class AuditingChannel(MemoryChannel):
     """Checks the write-ahead rules at the moment a message is published."""
 
-    def __init__(self, broker: MemoryBroker, tmp: Path) -> None:
+    def __init__(self, broker: MemoryBroker, tmp: Path, shared: bool) -> None:
         super().__init__(broker)
-        self.tmp = tmp
+        self.tmp, self.shared = tmp, shared
         self.checked = 0
 
     def publish(self, routing_key: str, body: bytes, **kwargs: Any) -> None:
@@ -150,7 +158,7 @@ class AuditingChannel(MemoryChannel):
                 self.checked += 1
             if isinstance(message, Vote) and message.vote is VoteKind.YES:  # rule 1
                 log = PrepareLog(
-                    str(self.tmp / f"{message.participant}.log.db"), message.participant
+                    log_path(self.tmp, message.participant, self.shared), message.participant
                 )
                 records = log.history([message.tx_id]).get(message.tx_id, [])
                 assert any(isinstance(r, BranchPrepared) for r in records), message
@@ -167,19 +175,20 @@ class AuditingChannel(MemoryChannel):
         super().publish(routing_key, body, **kwargs)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["own-log-db", "log-in-resource-db"])
 def test_commits_votes_and_acks_leave_only_after_what_they_promise_is_durable(
-    tmp_path: Path,
+    tmp_path: Path, shared: bool
 ) -> None:
     broker = MemoryBroker()
     channels: list[AuditingChannel] = []
 
     def auditing(*_args: object, **_kwargs: object) -> AuditingChannel:
-        channel = AuditingChannel(broker, tmp_path)
+        channel = AuditingChannel(broker, tmp_path, shared)
         channels.append(channel)
         return channel
 
     broker.channel = auditing  # type: ignore[method-assign]
-    system = System(tmp_path, broker)
+    system = System(tmp_path, broker, shared=shared)
     for i in range(3):
         system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer(f"w{i}", 1)))
     system.settle()
@@ -219,3 +228,64 @@ def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: Sy
     assert [o.outcome for o in outcomes] == [OutcomeKind.COMMITTED]
     assert system.balance("bank-a") == (89, 0)  # debited once
     assert system.balance("bank-b") == (110, 0)
+
+
+def _count_commits(engine: sa.Engine) -> list[int]:
+    commits: list[int] = []
+    sa.event.listen(engine, "commit", lambda _conn: commits.append(1))
+    return commits
+
+
+def _prepares_queued_for(system: System, name: str, count: int) -> None:
+    begins = tuple(Enveloped(message=transfer(f"u{i}", 1)) for i in range(count))
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(Envelope(messages=begins)))
+    system.coordinator.turn()
+    assert len(system.broker.bodies(topology.participant_queue(name))) == 1
+
+
+def test_with_the_log_in_the_resource_database_a_batch_is_one_commit(tmp_path: Path) -> None:
+    system = System(tmp_path, MemoryBroker(), shared=True)
+    worker = system.workers["bank-b"]
+    worker.turn()  # idle: runs the start-up chores (log GC commits on the log's own engine)
+    resource_commits = _count_commits(worker.resource._engine)  # type: ignore[attr-defined]
+    log_commits = _count_commits(worker.prepare_log.log.engine)
+    _prepares_queued_for(system, "bank-b", 5)
+    flushes = worker.journal.flushes
+    worker.turn()  # five branches prepared, five PREPARED records, five YES votes
+    assert (len(resource_commits), len(log_commits)) == (1, 0)
+    assert worker.journal.flushes == flushes + 1
+    for other in ("bank-a", "bank-c"):
+        system.workers[other].turn()
+    system.coordinator.turn()  # decides; five COMMITs to bank-b in one envelope
+    worker.turn()  # five reservations committed, five COMPLETED records, five ACKs
+    assert (len(resource_commits), len(log_commits)) == (2, 0)
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED] * 5
+    assert system.balance("bank-b") == (105, 0)
+
+
+def test_a_batch_that_fails_before_its_commit_leaves_nothing_and_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system = System(tmp_path, MemoryBroker(), shared=True)
+    worker = system.workers["bank-a"]
+    _prepares_queued_for(system, "bank-a", 3)
+
+    def failing(_unit: object, _records: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(worker.prepare_log, "append_in", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        worker.turn()
+    assert worker.resource.prepared() == set()  # the reservations were rolled back too
+    assert worker.prepare_log.unfinished_branches() == []
+    assert system.broker.bodies(topology.COORDINATOR_QUEUE) == []  # no vote left
+    # the process dies; a new one recovers and gets the unacknowledged PREPAREs again
+    worker.channel.close()
+    app = worker.app
+    app.channel_factory = system.broker.channel
+    system.workers["bank-a"] = restarted = ParticipantWorker(app)
+    restarted.channel.consume(restarted.queue)
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED] * 3
+    assert system.balance("bank-a") == (94, 0)
