@@ -9,9 +9,11 @@ called through the module (``resources._refusal``), looked up at each call as be
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +27,7 @@ from twophase.store import (
     analyze_in_background,
     copy_rows,
     database_url,
-    one_of,
+    in_ids,
     pg_connect_args,
 )
 
@@ -53,6 +55,53 @@ def _sqlalchemy_url(url: str) -> str:
     if "://" not in url:
         return f"sqlite:///{url}"  # a bare path is a SQLite file
     return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
+
+
+#: Connection.info key: the unit holds work that a failed attempt must not roll back
+_UNIT_HAS_WORK = "twophase.unit_has_work"
+
+
+@contextlib.contextmanager
+def _attempt_in(unit: sa.Connection) -> Iterator[sa.Transaction]:
+    """An attempt in ``unit`` that can be undone alone: in a savepoint when the unit already
+    holds other work, else (the common case, two round trips fewer) in the unit's own
+    transaction, which a failure rolls back and begins again."""
+    if unit.info.get(_UNIT_HAS_WORK):
+        with unit.begin_nested() as savepoint:
+            yield savepoint
+        return
+    trans = unit.get_transaction()
+    assert trans is not None, "a unit is a connection in an open transaction"
+    try:
+        yield trans
+    except BaseException:
+        unit.rollback()
+        unit.begin()
+        raise
+    unit.info[_UNIT_HAS_WORK] = True
+
+
+class _Statements:
+    """The resource's own statements, built once per dialect (SQLAlchemy then caches their
+    compiled form, and a statement's text does not change with the batch size)."""
+
+    def __init__(self, dialect: str) -> None:
+        t = _reservations
+        # bind names differ from column names: an UPDATE reserves those for its SET clause
+        ids = in_ids(t.c.tx_id, dialect, "tx_ids")
+        mine = t.c.participant == sa.bindparam("of_participant")
+        self.states = sa.select(t.c.tx_id, t.c.state).where(mine, ids)
+        self.decide = (
+            sa.update(t)
+            .where(mine, ids, t.c.state == "prepared")
+            .values(state=sa.bindparam("new_state"), decided_at=sa.func.now())
+            .returning(t.c.tx_id, t.c.operation, t.c.args)
+        )
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    return _Statements(dialect)
 
 
 def _insert_reservations(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
@@ -150,8 +199,8 @@ class ReservationResource:
             with self._engine.connect() as conn, conn.begin() as trans:
                 results, written = self._prepare_batch(conn, trans, branches, isolate=isolate)
         else:
-            with unit.begin_nested() as savepoint:
-                results, written = self._prepare_batch(unit, savepoint, branches, isolate=isolate)
+            with _attempt_in(unit) as trans:
+                results, written = self._prepare_batch(unit, trans, branches, isolate=isolate)
         if self._analyze.wrote(written):
             analyze_in_background(self._engine, _reservations)
         return results
@@ -215,13 +264,10 @@ class ReservationResource:
         return results, len(new_rows)
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
-        t, found = _reservations, {}
+        found, query = {}, _statements(conn.dialect.name).states
         for start in range(0, len(tx_ids), 500):
-            chunk = tx_ids[start : start + 500]
-            query = sa.select(t.c.tx_id, t.c.state).where(
-                t.c.participant == self._bound(), one_of(t.c.tx_id, chunk, conn.dialect.name)
-            )
-            found.update({row.tx_id: row.state for row in conn.execute(query)})
+            params = {"of_participant": self._bound(), "tx_ids": tx_ids[start : start + 500]}
+            found.update({row.tx_id: row.state for row in conn.execute(query, params)})
         return found
 
     def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
@@ -293,10 +339,11 @@ class ReservationResource:
         if not branches:
             return
         try:
-            with unit.begin_nested():
+            with _attempt_in(unit):
                 self._finish_optimistically(unit, branches)
         except Exception:
             failures = self._finish_each(unit, branches)
+            unit.info[_UNIT_HAS_WORK] = True
             if failures:
                 unit.commit()
                 raise failures[0] from None
@@ -327,41 +374,31 @@ class ReservationResource:
         makes the batch's branches and records durable together. The caller commits, closes."""
         conn = self._engine.connect()
         conn.begin()
+        conn.info[_UNIT_HAS_WORK] = False
         return conn
 
     def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
-        t, participant = _reservations, self._bound()
-        rows = {
-            row.tx_id: row
-            for row in conn.execute(
-                sa.select(t.c.tx_id, t.c.state, t.c.operation, t.c.args).where(
-                    t.c.participant == participant,
-                    one_of(t.c.tx_id, [b[0] for b in branches], conn.dialect.name),
-                )
-            )
-        }
+        """One UPDATE ... RETURNING per outcome changes the prepared rows and reads their args;
+        a branch it did not change is looked at only then (done before, or a hazard)."""
+        participant, decide = self._bound(), _statements(conn.dialect.name).decide
+        changed_before: set[str] = set()  # a branch listed twice is finished once
         for outcome in ("committed", "aborted"):
             wanted = [b for b in branches if (b[3] is True) == (outcome == "committed")]
-            to_change = [b[0] for b in wanted if rows.get(b[0]) and rows[b[0]].state == "prepared"]
-            if to_change:
-                changed = conn.execute(
-                    sa.update(t)
-                    .where(
-                        t.c.participant == participant,
-                        one_of(t.c.tx_id, to_change, conn.dialect.name),
-                        t.c.state == "prepared",
-                    )
-                    .values(state=outcome, decided_at=sa.func.now())
-                ).rowcount
-                if changed != len(set(to_change)):
-                    raise ResourceError("a reservation changed under the batch")
+            if not wanted:
+                continue
+            ids = list(dict.fromkeys(b[0] for b in wanted))
+            params = {"of_participant": participant, "tx_ids": ids, "new_state": outcome}
+            changed = {row.tx_id: row for row in conn.execute(decide, params)}
+            unchanged = [tx_id for tx_id in ids if tx_id not in changed]
+            states = self._states(conn, unchanged) if unchanged else {}
             for tx_id, op, _args, _commit in wanted:
-                row = rows.get(tx_id)
-                if row is None or row.state != "prepared":
-                    state = None if row is None else row.state
+                row = changed.pop(tx_id, None)
+                if row is None:
+                    state = states.get(tx_id, outcome if tx_id in changed_before else None)
                     if state == outcome or (state is None and outcome == "aborted"):
                         continue  # done before, or an abort of a branch never prepared here
                     raise ResourceError(f"cannot finish {tx_id!r}: it is {state}")
+                changed_before.add(tx_id)
                 if op is None or op.name != row.operation:
                     raise ResourceError(f"{tx_id!r} needs operation {row.operation!r}")
                 hook = op.on_commit if outcome == "committed" else op.on_abort

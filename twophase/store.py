@@ -108,17 +108,17 @@ def analyze_in_background(engine: Engine, table: sa.Table) -> None:
     threading.Thread(target=run, name=f"analyze-{table.name}", daemon=True).start()
 
 
-def one_of(
-    column: sa.ColumnElement[str], values: Sequence[str], dialect: str
+def in_ids(
+    column: sa.ColumnElement[str], dialect: str, name: str = "ids"
 ) -> sa.ColumnElement[bool]:
-    """``column IN values``; on PostgreSQL ``column = ANY(array)``, one bind parameter.
+    """``column IN :name`` for a statement built once: on PostgreSQL ``column = ANY(:name)``.
 
-    An IN list makes a new statement for every batch size: its text is parsed and converted
-    again by psycopg and by the server, where the array form is one statement for all sizes.
+    An IN list makes a new statement text for every batch size, parsed and converted again
+    by psycopg and by the server; the array form is one statement for all sizes.
     """
     if dialect != "postgresql":
-        return column.in_(list(values))
-    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(sa.String())))
+        return column.in_(sa.bindparam(name, expanding=True))
+    return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(sa.String())))
 
 
 def copy_rows(
@@ -260,6 +260,7 @@ class RecordLog:
         self.rows_written = 0
         self._lock = threading.Lock()
         self._analyze = AnalyzeSchedule()
+        self._rows_for_query: sa.Select[Any] | None = None
         metadata = sa.MetaData()
         self.table = sa.Table(
             table,
@@ -339,15 +340,19 @@ class RecordLog:
         for record in records:
             into.setdefault(record.tx_id, []).append(self._row(record))
 
+    def _rows_for(self, conn: sa.Connection) -> sa.Select[Any]:
+        if self._rows_for_query is None:
+            t = self.table
+            where = in_ids(t.c.tx_id, conn.dialect.name)
+            self._rows_for_query = sa.select(t).where(where).order_by(t.c.seq)
+        return self._rows_for_query
+
     def rows_for(self, tx_ids: Iterable[str]) -> dict[str, list[LogRow]]:
         """Rows of the given tx ids, each list ordered by seq; ids without rows are absent."""
-        t = self.table
         found: dict[str, list[LogRow]] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(_unique(tx_ids)):
-                where = one_of(t.c.tx_id, chunk, conn.dialect.name)
-                query = sa.select(t).where(where).order_by(t.c.seq)
-                self._grouped(conn.execute(query), found)
+                self._grouped(conn.execute(self._rows_for(conn), {"ids": list(chunk)}), found)
         return found
 
     def unfinished(self, finished_kinds: Collection[str]) -> dict[str, list[LogRow]]:

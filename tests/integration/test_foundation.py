@@ -275,3 +275,43 @@ def test_an_envelope_is_handled_message_by_message(lone_bank: Bank, amqp_url: st
         assert refused.vote is VoteKind.NO and "insufficient funds" in refused.reason
     finally:
         peer.close()
+
+
+def test_reservation_banks_with_their_logs_in_their_postgresql_database(
+    amqp_url: str, pg_url: str, tmp_path: Path
+) -> None:
+    """One local transaction per batch (branches and records together) on a real server."""
+    names = ("bank-s1", "bank-s2")
+    apps = []
+    try:
+        for name in names:
+            bank.open_accounts(pg_url, name, [(f"{name}-0", 100)])
+            app = bank.create_bank(name, pg_url, amqp_url=amqp_url, log_url=pg_url)
+            app.start()
+            apps.append(app)
+            assert app.worker is not None and app.worker.shared is not None
+
+        def pay(amount: int) -> OutcomeKind:
+            branches = [
+                Branch("bank-s1", "debit", {"account": "bank-s1-0", "amount": amount}),
+                Branch("bank-s2", "credit", {"account": "bank-s2-0", "amount": amount}),
+            ]
+            return client.submit(branches, timeout=10).outcome
+
+        coordinator_log = str(tmp_path / "coordinator.log.db")
+        with running_coordinator(amqp_url, coordinator_log), Client(amqp_url) as client:
+            assert [pay(30), pay(500), pay(20)] == [
+                OutcomeKind.COMMITTED,
+                OutcomeKind.ABORTED,  # insufficient funds: bank-s1 refuses, nothing is held
+                OutcomeKind.COMMITTED,
+            ]
+            wait_for(lambda: balances(pg_url, "bank-s1")["bank-s1-0"] == (50, 0), what="debits")
+            wait_for(lambda: balances(pg_url, "bank-s2")["bank-s2-0"] == (150, 0), what="credits")
+            for app in apps:
+                worker = app.worker
+                assert worker is not None
+                wait_for(lambda w=worker: not w.core.in_doubt(), what="branches finished")
+                assert worker.prepare_log.unfinished_branches() == []
+    finally:
+        for app in apps:
+            app.stop()

@@ -421,3 +421,37 @@ def test_more_in_flight_branches_than_pool_size(bank: Bank) -> None:
     assert res.prepared() == set()
     assert res.committed(txs) == set(txs[:3])
     assert [bank.balance(f"a{i}") for i in range(6)] == [95, 95, 95, 100, 100, 100]
+
+
+@pytest.mark.parametrize("bank", ["reservation-pg", "reservation-sqlite"], indirect=True)
+def test_healthy_batches_in_a_unit_need_no_second_attempt(
+    bank: Bank, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch statements (ANY(array) lookups, UPDATE ... RETURNING) work on each dialect:
+    the branch-by-branch fallback would hide a broken one behind correct results."""
+    res = bank.resource()
+    assert isinstance(res, ReservationResource)
+
+    def no_fallback(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("fell back to branch-by-branch")
+
+    monkeypatch.setattr(res, "_finish_each", no_fallback)
+    real_batch = res._prepare_batch
+
+    def optimistic_only(*args: Any, isolate: bool) -> Any:
+        assert not isolate, "fell back to a savepoint per branch"
+        return real_batch(*args, isolate=isolate)
+
+    monkeypatch.setattr(res, "_prepare_batch", optimistic_only)
+    branches = [
+        (f"u{i}", bank.debit, {"hold": f"u{i}", "account": "alice", "amount": 1}) for i in range(3)
+    ]
+    unit = res.begin_unit()
+    assert res.prepare_many_in(unit, branches) == [None, None, None]
+    unit.commit()
+    unit.close()
+    unit = res.begin_unit()
+    res.finish_many_in(unit, [(tx, op, a, True) for tx, op, a in branches])
+    unit.commit()
+    unit.close()
+    assert res.committed([tx for tx, _, _ in branches]) == {"u0", "u1", "u2"}

@@ -307,3 +307,92 @@ def test_a_failing_hook_leaves_its_branch_prepared_and_lets_the_others_finish(
     assert res.prepared() == {"t1"}
     assert res.committed(["t1", "t2"]) == {"t2"}
     assert balance(db) == 80
+
+
+@pytest.mark.parametrize("prior_work", [False, True], ids=["fresh-unit", "unit-with-work"])
+def test_in_a_unit_a_refusal_undoes_only_its_own_branch(
+    opened: Any, db: Path, prior_work: bool
+) -> None:
+    res = opened()
+    res.prepare_many([("t0", DEBIT, args("t0", 5))])
+    unit = res.begin_unit()
+    if prior_work:  # the refusal below must not roll this back
+        res.finish_many_in(unit, [("t0", DEBIT, args("t0"), True)])
+    results = res.prepare_many_in(
+        unit,
+        [
+            ("t1", DEBIT, args("t1", 40)),
+            ("t2", DEBIT, args("t2", 70)),  # 95 - 40 < 70
+            ("t3", DEBIT, args("t3", 50)),
+        ],
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], Refuse)
+    assert hold_ids(db) == ["t0"]  # nothing of the unit is visible before its commit
+    unit.commit()
+    unit.close()
+    assert hold_ids(db) == (["t1", "t3"] if prior_work else ["t0", "t1", "t3"])
+    assert res.committed(["t0"]) == ({"t0"} if prior_work else set())
+    assert balance(db) == (95 if prior_work else 100)
+
+
+@pytest.mark.parametrize("prior_work", [False, True], ids=["fresh-unit", "unit-with-work"])
+def test_in_a_unit_a_failing_hook_commits_the_others_then_raises(
+    opened: Any, db: Path, prior_work: bool
+) -> None:
+    def broken(conn: sa.Connection, args: dict[str, Any]) -> None:
+        raise RuntimeError("hook is broken")
+
+    res = opened()
+    res.prepare_many([(tx, DEBIT, args(tx, 10)) for tx in ("t1", "t2", "t3")])
+    unit = res.begin_unit()
+    if prior_work:
+        assert res.prepare_many_in(unit, [("t4", DEBIT, args("t4", 1))]) == [None]
+    broken_debit = OperationSpec("debit", _prepare, broken, _on_abort)
+    with pytest.raises(RuntimeError, match="hook is broken"):
+        res.finish_many_in(
+            unit, [("t1", broken_debit, args("t1"), True), ("t2", DEBIT, args("t2"), True)]
+        )
+    unit.close()
+    assert res.prepared() == {"t1", "t3"} | ({"t4"} if prior_work else set())
+    assert res.committed(["t1", "t2", "t3"]) == {"t2"}
+    assert balance(db) == 90
+
+
+def test_a_branch_listed_twice_in_a_batch_is_finished_once(opened: Any, db: Path) -> None:
+    res = opened()
+    res.prepare_many([("t1", DEBIT, args("t1", 10))])
+    res.finish_many([("t1", DEBIT, args("t1"), True), ("t1", DEBIT, args("t1"), True)])
+    assert balance(db) == 90
+    with pytest.raises(ResourceError, match="heuristic hazard"):
+        res.finish_many([("t1", DEBIT, args("t1"), False)])  # committed: an abort contradicts it
+
+
+def test_healthy_batches_need_no_second_attempt(
+    opened: Any, db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The branch-by-branch fallback is for failures only (it once hid a broken statement)."""
+
+    def no_fallback(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("fell back to branch-by-branch")
+
+    res = opened()
+    monkeypatch.setattr(res, "_finish_each", no_fallback)
+    real_batch = res._prepare_batch
+
+    def optimistic_only(*args: Any, isolate: bool) -> Any:
+        assert not isolate, "fell back to a savepoint per branch"
+        return real_batch(*args, isolate=isolate)
+
+    monkeypatch.setattr(res, "_prepare_batch", optimistic_only)
+    assert res.prepare_many([("t1", DEBIT, args("t1", 10)), ("t2", DEBIT, args("t2", 20))]) == [
+        None,
+        None,
+    ]
+    res.finish_many([("t1", DEBIT, args("t1"), True), ("t2", DEBIT, args("t2"), False)])
+    unit = res.begin_unit()
+    assert res.prepare_many_in(unit, [("t3", DEBIT, args("t3", 5))]) == [None]
+    res.finish_many_in(unit, [("t3", DEBIT, args("t3"), True)])
+    unit.commit()
+    unit.close()
+    assert balance(db) == 85
