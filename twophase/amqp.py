@@ -414,6 +414,12 @@ class AmqpChannel:
         if failed:
             raise PublishError(list(failed.values()))
 
+    def take_failures(self) -> list[str]:
+        """Routing keys of publishes the broker has refused (returned or nacked) so far, for a
+        publisher that does not wait for confirms; forgets them."""
+        failed, self._failed = self._failed, {}
+        return list(failed.values())
+
     def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._pump(0)
