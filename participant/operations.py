@@ -9,6 +9,8 @@ from typing import Any
 #: ``handler(db, args)``: ``db`` is the resource's handle (a psycopg connection inside the
 #: PostgreSQL branch, or a SQLAlchemy connection inside the reservation's local transaction).
 Handler = Callable[[Any, dict[str, Any]], None]
+#: ``hook(db, [args, ...])``: a commit or abort hook for many branches of one operation at once
+BatchHook = Callable[[Any, list[dict[str, Any]]], None]
 
 
 class Refuse(Exception):
@@ -34,6 +36,25 @@ class OperationSpec:
     prepare: Handler
     on_commit: Handler | None = None
     on_abort: Handler | None = None
+    #: batch forms of the hooks: one call for every branch of this operation that a batch
+    #: finishes (in the order given); preferred over the single forms when both are set
+    on_commit_many: BatchHook | None = None
+    on_abort_many: BatchHook | None = None
+
+    def hook(self, commit: bool) -> BatchHook | None:
+        """The commit (or abort) hook as a batch hook, whichever form was registered."""
+        many = self.on_commit_many if commit else self.on_abort_many
+        if many is not None:
+            return many
+        single = self.on_commit if commit else self.on_abort
+        if single is None:
+            return None
+
+        def each(db: Any, args_list: list[dict[str, Any]]) -> None:
+            for args in args_list:
+                single(db, args)
+
+        return each
 
 
 @dataclass
@@ -48,12 +69,6 @@ class OperationRegistry:
     def get(self, name: str) -> OperationSpec | None:
         return self.operations.get(name)
 
-    def set_hook(
-        self, name: str, *, on_commit: Handler | None = None, on_abort: Handler | None = None
-    ) -> None:
-        spec = self.operations[name]
-        if on_commit is not None:
-            spec = replace(spec, on_commit=on_commit)
-        if on_abort is not None:
-            spec = replace(spec, on_abort=on_abort)
-        self.operations[name] = spec
+    def set_hook(self, name: str, **hooks: Handler | BatchHook) -> None:
+        """Set ``on_commit``, ``on_abort``, ``on_commit_many`` or ``on_abort_many``."""
+        self.operations[name] = replace(self.operations[name], **hooks)  # type: ignore[arg-type]

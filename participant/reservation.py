@@ -391,6 +391,7 @@ class ReservationResource:
             changed = {row.tx_id: row for row in conn.execute(decide, params)}
             unchanged = [tx_id for tx_id in ids if tx_id not in changed]
             states = self._states(conn, unchanged) if unchanged else {}
+            by_operation: dict[str, tuple[OperationSpec, list[dict[str, Any]]]] = {}
             for tx_id, op, _args, _commit in wanted:
                 row = changed.pop(tx_id, None)
                 if row is None:
@@ -401,9 +402,11 @@ class ReservationResource:
                 changed_before.add(tx_id)
                 if op is None or op.name != row.operation:
                     raise ResourceError(f"{tx_id!r} needs operation {row.operation!r}")
-                hook = op.on_commit if outcome == "committed" else op.on_abort
+                by_operation.setdefault(op.name, (op, []))[1].append(json.loads(row.args))
+            for op, args_list in by_operation.values():
+                hook = op.hook(outcome == "committed")
                 if hook is not None:
-                    hook(conn, json.loads(row.args))
+                    hook(conn, args_list)
 
     def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:
         with self._engine.begin() as conn:
@@ -433,6 +436,6 @@ class ReservationResource:
                 f"cannot {verb} {tx_id!r}: it needs operation {row.operation!r}, got"
                 f" {None if op is None else op.name!r}; register that operation"
             )
-        hook = op.on_commit if outcome == "committed" else op.on_abort
+        hook = op.hook(outcome == "committed")
         if hook is not None:
-            hook(conn, json.loads(row.args))
+            hook(conn, [json.loads(row.args)])

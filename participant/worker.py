@@ -32,7 +32,7 @@ from participant.core import (
     Recovered,
 )
 from participant.log import PrepareLog
-from participant.operations import Handler, OperationRegistry, OperationSpec
+from participant.operations import BatchHook, Handler, OperationRegistry, OperationSpec
 from participant.resources import Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
@@ -65,6 +65,15 @@ class OperationHandle:
 
     def on_abort(self, hook: Handler) -> Handler:
         self._registry.set_hook(self.name, on_abort=hook)
+        return hook
+
+    def on_commit_many(self, hook: BatchHook) -> BatchHook:
+        """``hook(db, [args, ...])``: apply many branches at once (say, one executemany)."""
+        self._registry.set_hook(self.name, on_commit_many=hook)
+        return hook
+
+    def on_abort_many(self, hook: BatchHook) -> BatchHook:
+        self._registry.set_hook(self.name, on_abort_many=hook)
         return hook
 
 

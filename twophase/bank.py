@@ -60,6 +60,10 @@ def _account(args: dict[str, Any]) -> str:
     return account
 
 
+def _transfer(args: dict[str, Any]) -> dict[str, Any]:
+    return {"account": args["account"], "amount": args["amount"]}
+
+
 # ---- reservation flavour (any SQLAlchemy database) ----------------------------------------
 
 
@@ -101,13 +105,15 @@ def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
             f"balance {row.balance}, held {row.held}, needs {params['amount']}"
         )
 
-    @debit.on_commit
-    def apply_debit(db: sa.Connection, args: dict[str, Any]) -> None:
-        db.execute(apply_hold, {"account": args["account"], "amount": args["amount"]})
+    # Batch hooks: a batch's debits (or credits) are applied by one executemany, which psycopg
+    # sends as one pipeline. Each row is its own UPDATE, so an account twice in a batch is fine.
+    @debit.on_commit_many
+    def apply_debits(db: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        db.execute(apply_hold, [_transfer(args) for args in args_list])
 
-    @debit.on_abort
-    def release_debit(db: sa.Connection, args: dict[str, Any]) -> None:
-        db.execute(release, {"account": args["account"], "amount": args["amount"]})
+    @debit.on_abort_many
+    def release_debits(db: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        db.execute(release, [_transfer(args) for args in args_list])
 
     @bank.operation("credit")
     def credit(db: sa.Connection, args: dict[str, Any]) -> None:
@@ -115,9 +121,9 @@ def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
         if db.execute(exists, params).first() is None:
             raise Refuse(f"no account {params['account']!r} at {name}")
 
-    @credit.on_commit
-    def apply_credit(db: sa.Connection, args: dict[str, Any]) -> None:
-        db.execute(deposit, {"account": args["account"], "amount": args["amount"]})
+    @credit.on_commit_many
+    def apply_credits(db: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        db.execute(deposit, [_transfer(args) for args in args_list])
 
     return bank
 

@@ -99,6 +99,10 @@ class MemoryChannel:
         if returned:
             raise PublishError(returned)
 
+    def take_failures(self) -> list[str]:
+        returned, self._returned = self._returned, []
+        return returned
+
     def poll(self, timeout: float, max_messages: int = 10_000) -> list[Delivery]:
         self._check()
         out: list[Delivery] = []

@@ -396,3 +396,51 @@ def test_healthy_batches_need_no_second_attempt(
     unit.commit()
     unit.close()
     assert balance(db) == 85
+
+
+def test_batch_hooks_get_a_batchs_branches_in_one_call(opened: Any, db: Path) -> None:
+    calls: list[tuple[str, list[str]]] = []
+
+    def commit_many(conn: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        calls.append(("commit", [a["hold"] for a in args_list]))
+        for a in args_list:
+            _on_commit(conn, a)
+
+    def abort_many(conn: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        calls.append(("abort", [a["hold"] for a in args_list]))
+        for a in args_list:
+            _on_abort(conn, a)
+
+    batched = OperationSpec("debit", _prepare, on_commit_many=commit_many, on_abort_many=abort_many)
+    res = opened()
+    res.prepare_many([(tx, batched, args(tx, 10)) for tx in ("t1", "t2", "t3", "t4")])
+    res.finish_many(
+        [
+            ("t1", batched, args("t1"), True),
+            ("t2", batched, args("t2"), False),
+            ("t3", batched, args("t3"), True),
+        ]
+    )
+    assert calls == [("commit", ["t1", "t3"]), ("abort", ["t2"])]
+    assert balance(db) == 80 and hold_ids(db) == ["t4"]
+    calls.clear()
+    res.commit("t4", batched, args("t4"))  # one branch alone: a batch of one
+    assert calls == [("commit", ["t4"])]
+    assert balance(db) == 70
+
+
+def test_a_failing_batch_hook_is_retried_branch_by_branch(opened: Any, db: Path) -> None:
+    def commit_many(conn: sa.Connection, args_list: list[dict[str, Any]]) -> None:
+        if any(a["hold"] == "t2" for a in args_list):
+            raise RuntimeError("t2 cannot be applied")
+        for a in args_list:
+            _on_commit(conn, a)
+
+    batched = OperationSpec("debit", _prepare, on_commit_many=commit_many)
+    res = opened()
+    res.prepare_many([(tx, batched, args(tx, 10)) for tx in ("t1", "t2", "t3")])
+    with pytest.raises(RuntimeError, match="t2 cannot be applied"):
+        res.finish_many([(tx, batched, args(tx), True) for tx in ("t1", "t2", "t3")])
+    assert res.committed(["t1", "t2", "t3"]) == {"t1", "t3"}
+    assert res.prepared() == {"t2"}
+    assert balance(db) == 80

@@ -95,6 +95,9 @@ class FakeChannel:
     def wait_for_confirms(self, timeout: float = 30.0) -> None:
         pass
 
+    def take_failures(self) -> list[str]:
+        return []
+
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         pass
 
