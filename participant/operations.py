@@ -11,6 +11,9 @@ from typing import Any
 Handler = Callable[[Any, dict[str, Any]], None]
 #: ``hook(db, [args, ...])``: a commit or abort hook for many branches of one operation at once
 BatchHook = Callable[[Any, list[dict[str, Any]]], None]
+#: ``handler(db, [args, ...]) -> [refusal or None, ...]``: prepare many branches at once; a
+#: refused branch must leave nothing behind (the others stay in the same transaction)
+BatchHandler = Callable[[Any, list[dict[str, Any]]], "list[Refuse | None]"]
 
 
 class Refuse(Exception):
@@ -40,6 +43,9 @@ class OperationSpec:
     #: finishes (in the order given); preferred over the single forms when both are set
     on_commit_many: BatchHook | None = None
     on_abort_many: BatchHook | None = None
+    #: ReservationResource: the batch form of ``prepare``, used on a batch's first attempt (an
+    #: attempt that fails is redone branch by branch with ``prepare``)
+    prepare_many: BatchHandler | None = None
 
     def hook(self, commit: bool) -> BatchHook | None:
         """The commit (or abort) hook as a batch hook, whichever form was registered."""
@@ -69,6 +75,7 @@ class OperationRegistry:
     def get(self, name: str) -> OperationSpec | None:
         return self.operations.get(name)
 
-    def set_hook(self, name: str, **hooks: Handler | BatchHook) -> None:
-        """Set ``on_commit``, ``on_abort``, ``on_commit_many`` or ``on_abort_many``."""
+    def set_hook(self, name: str, **hooks: Handler | BatchHook | BatchHandler) -> None:
+        """Set ``on_commit``, ``on_abort``, ``on_commit_many``, ``on_abort_many`` or
+        ``prepare_many``."""
         self.operations[name] = replace(self.operations[name], **hooks)  # type: ignore[arg-type]

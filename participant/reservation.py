@@ -57,6 +57,56 @@ def _sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
 
 
+def _run_one(
+    conn: sa.Connection,
+    trans: sa.Transaction,
+    op: OperationSpec,
+    args: dict[str, Any],
+    *,
+    isolate: bool,
+) -> Refuse | None:
+    """One branch's handler: its refusal, or None. On the first attempt a failure asks for the
+    isolated attempt (the handler may have written before it refused)."""
+    savepoint = conn.begin_nested() if isolate else None
+    try:
+        op.prepare(conn, args)
+        if not trans.is_active:
+            raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+    except Exception as exc:
+        if savepoint is None:
+            raise _NeedsIsolation from exc
+        if not trans.is_active:
+            raise
+        savepoint.rollback()
+        return exc if isinstance(exc, Refuse) else resources._caused(resources._refusal(exc), exc)
+    if savepoint is not None:
+        savepoint.commit()
+    return None
+
+
+def _run_many(
+    conn: sa.Connection,
+    trans: sa.Transaction,
+    op: OperationSpec,
+    branches: Sequence[Branch],
+    indexes: list[int],
+) -> list[Refuse | None]:
+    """A batch handler over ``indexes``: it refuses branches one by one and leaves nothing of a
+    refused one. If it raises, the batch goes to the isolated attempt."""
+    assert op.prepare_many is not None
+    try:
+        refusals = op.prepare_many(conn, [branches[i][2] for i in indexes])
+        if len(refusals) != len(indexes):
+            raise ResourceError(
+                f"batch handler of {op.name!r} answered {len(refusals)} of {len(indexes)} branches"
+            )
+        if not trans.is_active:
+            raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
+    except Exception as exc:
+        raise _NeedsIsolation from exc
+    return list(refusals)
+
+
 #: Connection.info key: the unit holds work that a failed attempt must not roll back
 _UNIT_HAS_WORK = "twophase.unit_has_work"
 
@@ -213,55 +263,56 @@ class ReservationResource:
         *,
         isolate: bool,
     ) -> tuple[list[Refuse | None], int]:
-        results: list[Refuse | None] = []
-        new_rows: list[dict[str, Any]] = []
+        """Run the handlers: batch handlers once per operation (after the single ones) on the
+        first attempt, every branch alone in its savepoint on the isolated one."""
+        results: list[Refuse | None] = [None] * len(branches)
+        rows: dict[int, dict[str, Any]] = {}
+        batched: dict[str, tuple[OperationSpec, list[int]]] = {}
+        first_of: dict[str, int] = {}
+        repeats: list[tuple[int, int]] = []
         states = self._states(conn, [tx_id for tx_id, _, _ in branches])
-        for tx_id, op, args in branches:
+        for i, (tx_id, op, args) in enumerate(branches):
+            if tx_id in first_of:
+                repeats.append((i, first_of[tx_id]))
+                continue
+            first_of[tx_id] = i
             state = states.get(tx_id)
             if state == "aborted":
-                results.append(Refuse(f"transaction {tx_id} is already aborted"))
+                results[i] = Refuse(f"transaction {tx_id} is already aborted")
                 continue
             if state is not None:
-                results.append(None)  # already prepared (or committed)
-                continue
+                continue  # already prepared (or committed)
             try:
                 payload = json.dumps(args, sort_keys=True, allow_nan=False)
             except ValueError as exc:
-                results.append(resources._caused(resources._refusal(exc), exc))
+                results[i] = resources._caused(resources._refusal(exc), exc)
                 continue
-            savepoint = conn.begin_nested() if isolate else None
-            try:
-                op.prepare(conn, args)
-                if not trans.is_active:
-                    raise Refuse(f"handler of {op.name!r} ended the transaction; it must not")
-            except Exception as exc:
-                if savepoint is None:
-                    raise _NeedsIsolation from exc
-                if not trans.is_active:
-                    raise
-                savepoint.rollback()
-                results.append(
-                    exc
-                    if isinstance(exc, Refuse)
-                    else resources._caused(resources._refusal(exc), exc)
-                )
+            rows[i] = {
+                "participant": self._participant,
+                "tx_id": tx_id,
+                "operation": op.name,
+                "state": "prepared",
+                "args": payload,
+            }
+            if op.prepare_many is not None and not isolate:
+                batched.setdefault(op.name, (op, []))[1].append(i)
                 continue
-            if savepoint is not None:
-                savepoint.commit()
-            states[tx_id] = "prepared"
-            new_rows.append(
-                {
-                    "participant": self._participant,
-                    "tx_id": tx_id,
-                    "operation": op.name,
-                    "state": "prepared",
-                    "args": payload,
-                }
-            )
-            results.append(None)
-        if new_rows:
-            _insert_reservations(conn, new_rows)
-        return results, len(new_rows)
+            refusal = _run_one(conn, trans, op, args, isolate=isolate)
+            if refusal is not None:
+                results[i] = refusal
+                del rows[i]
+        for op, indexes in batched.values():
+            for i, refusal in zip(
+                indexes, _run_many(conn, trans, op, branches, indexes), strict=True
+            ):
+                if refusal is not None:
+                    results[i] = refusal
+                    del rows[i]
+        for repeat, first in repeats:
+            results[repeat] = results[first]
+        if rows:
+            _insert_reservations(conn, [rows[i] for i in sorted(rows)])
+        return results, len(rows)
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
         found, query = {}, _statements(conn.dialect.name).states

@@ -32,7 +32,13 @@ from participant.core import (
     Recovered,
 )
 from participant.log import PrepareLog
-from participant.operations import BatchHook, Handler, OperationRegistry, OperationSpec
+from participant.operations import (
+    BatchHandler,
+    BatchHook,
+    Handler,
+    OperationRegistry,
+    OperationSpec,
+)
 from participant.resources import Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
@@ -66,6 +72,12 @@ class OperationHandle:
     def on_abort(self, hook: Handler) -> Handler:
         self._registry.set_hook(self.name, on_abort=hook)
         return hook
+
+    def prepare_many(self, handler: BatchHandler) -> BatchHandler:
+        """``handler(db, [args, ...]) -> [Refuse or None, ...]``: prepare a batch's branches of
+        this operation at once (ReservationResource); the single handler stays the fallback."""
+        self._registry.set_hook(self.name, prepare_many=handler)
+        return handler
 
     def on_commit_many(self, hook: BatchHook) -> BatchHook:
         """``hook(db, [args, ...])``: apply many branches at once (say, one executemany)."""

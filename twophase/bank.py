@@ -121,6 +121,30 @@ def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
         if db.execute(exists, params).first() is None:
             raise Refuse(f"no account {params['account']!r} at {name}")
 
+    exist = sa.text(f"SELECT id FROM {table} WHERE id IN :accounts").bindparams(
+        sa.bindparam("accounts", expanding=True)
+    )
+
+    @credit.prepare_many
+    def check_credits(db: sa.Connection, args_list: list[dict[str, Any]]) -> list[Refuse | None]:
+        """A batch's credits checked with one query (a credit holds nothing until commit)."""
+        refusals: list[Refuse | None] = []
+        wanted = []
+        for args in args_list:
+            try:
+                _amount(args)
+                wanted.append(_account(args))
+                refusals.append(None)
+            except Refuse as refusal:
+                refusals.append(refusal)
+        found = set(db.execute(exist, {"accounts": sorted(set(wanted))}).scalars())
+        return [
+            refusal
+            if refusal is not None or args["account"] in found
+            else Refuse(f"no account {args['account']!r} at {name}")
+            for args, refusal in zip(args_list, refusals, strict=True)
+        ]
+
     @credit.on_commit_many
     def apply_credits(db: sa.Connection, args_list: list[dict[str, Any]]) -> None:
         db.execute(deposit, [_transfer(args) for args in args_list])

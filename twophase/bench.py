@@ -38,6 +38,18 @@ ACCOUNTS = 20_000
 OPENING = 10**12
 
 
+#: where Debian's PostgreSQL listens locally; a Unix socket costs the client and the server
+#: less system time per statement than TCP over loopback (measured: 41 against 51 us of client
+#: CPU per round trip), and the services here make many round trips
+LOCAL_PG_SOCKET = Path("/var/run/postgresql/.s.PGSQL.5432")
+
+
+def default_pg_url() -> str:
+    if LOCAL_PG_SOCKET.exists():
+        return f"postgresql://postgres@/postgres?host={LOCAL_PG_SOCKET.parent}"
+    return "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--participants", type=int, default=3)
     p.add_argument(
@@ -59,8 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amqp-url")
     p.add_argument(
         "--pg-url",
-        default="postgresql://postgres@127.0.0.1:5432/postgres",
-        help="a PostgreSQL server URL; the bench creates its own database there",
+        default=default_pg_url(),
+        help="a PostgreSQL server URL; the bench creates its own database there (default: the"
+        " local server, over its Unix socket when it has one)",
     )
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument(
@@ -247,8 +260,14 @@ def _create_database(pg_url: str, name: str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = admin.rpartition("/")
-    return f"{base}/{name}"
+    return _on_database(admin, name)
+
+
+def _on_database(url: str, name: str) -> str:
+    """``url`` with its database replaced by ``name`` (query options, e.g. ``host=``, kept)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 def _drop_database(pg_url: str, name: str) -> None:
@@ -259,8 +278,7 @@ def _drop_database(pg_url: str, name: str) -> None:
         for (gid,) in conn.execute(
             "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,)
         ).fetchall():
-            base, _, _ = admin.rpartition("/")
-            with psycopg.connect(f"{base}/{name}", autocommit=True) as db:
+            with psycopg.connect(_on_database(admin, name), autocommit=True) as db:
                 db.execute(f"ROLLBACK PREPARED '{gid}'")
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

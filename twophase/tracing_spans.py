@@ -380,7 +380,9 @@ class ParticipantTrace:
             ):
                 handler(db, args)
 
-        return dataclasses.replace(spec, prepare=traced)  # type: ignore[type-var]
+        # A batch handler would run outside every branch's span: traced, each branch runs
+        # its single handler in its own span.
+        return dataclasses.replace(spec, prepare=traced, prepare_many=None)  # type: ignore[type-var]
 
     def executed(self, tx_id: str, operation: str, ok: bool, reason: str) -> None:
         """The branch is prepared in the resource (``ok``) or refused; its vote follows."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 
@@ -289,3 +290,25 @@ def test_a_batch_that_fails_before_its_commit_leaves_nothing_and_is_redone(
     system.settle()
     assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED] * 3
     assert system.balance("bank-a") == (94, 0)
+
+
+def test_a_credit_to_a_missing_account_aborts_alone_in_its_batch(system: System) -> None:
+    """The bank checks a batch's credits with one query; a missing account refuses only its
+    own transaction, which is aborted naming it."""
+    begins = [transfer(f"m{i}", 1) for i in range(3)]
+    bad = begins[1].branches[2]
+    begins[1] = msgspec.structs.replace(
+        begins[1],
+        branches=(
+            *begins[1].branches[:2],
+            Branch(bad.participant, bad.operation, {"account": "bank-c-404", "amount": 1}),
+        ),
+    )
+    envelope = Envelope(messages=tuple(Enveloped(message=b) for b in begins))
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(envelope))
+    system.settle()
+    outcomes = {o.tx_id: o for o in system.outcomes()}
+    assert outcomes["m0"].outcome is outcomes["m2"].outcome is OutcomeKind.COMMITTED
+    assert outcomes["m1"].outcome is OutcomeKind.ABORTED
+    assert outcomes["m1"].at_fault == "bank-c" and "bank-c-404" in outcomes["m1"].reason
+    assert system.balance("bank-c") == (102, 0)

@@ -444,3 +444,50 @@ def test_a_failing_batch_hook_is_retried_branch_by_branch(opened: Any, db: Path)
     assert res.committed(["t1", "t2", "t3"]) == {"t1", "t3"}
     assert res.prepared() == {"t2"}
     assert balance(db) == 80
+
+
+def test_a_batch_handler_prepares_a_batchs_branches_in_one_call(opened: Any, db: Path) -> None:
+    calls: list[list[str]] = []
+
+    def prepare_many(conn: sa.Connection, args_list: list[dict[str, Any]]) -> list[Refuse | None]:
+        calls.append([a["hold"] for a in args_list])
+        out: list[Refuse | None] = []
+        for a in args_list:
+            try:
+                _prepare(conn, a)
+                out.append(None)
+            except Refuse as refusal:  # _prepare refuses before it writes
+                out.append(refusal)
+        return out
+
+    batched = OperationSpec("debit", _prepare, _on_commit, _on_abort, prepare_many=prepare_many)
+    res = opened()
+    assert res.prepare_many([("t0", batched, args("t0", 10))]) == [None]
+    results = res.prepare_many(
+        [
+            ("t0", batched, args("t0", 10)),  # prepared before: not run again
+            ("t1", batched, args("t1", 40)),
+            ("t2", batched, args("t2", 70)),  # 100 - 10 - 40 < 70
+            ("t1", batched, args("t1", 40)),  # listed twice: answered once
+            ("t3", batched, args("t3", 60)),
+        ]
+    )
+    assert calls == [["t0"], ["t1", "t2", "t3"]]
+    assert results[0] is None and results[1] is None and results[3] is None
+    assert isinstance(results[2], Refuse) and results[2].reason == "insufficient funds"
+    assert isinstance(results[4], Refuse)  # 100 - 10 - 40 < 60
+    assert hold_ids(db) == ["t0", "t1"]
+    assert res.prepared() == {"t0", "t1"}
+
+
+def test_a_raising_batch_handler_sends_the_batch_branch_by_branch(opened: Any, db: Path) -> None:
+    def prepare_many(conn: sa.Connection, args_list: list[dict[str, Any]]) -> list[Refuse | None]:
+        for a in args_list:
+            _prepare(conn, a)
+        raise RuntimeError("the batch handler gave up half-way")
+
+    batched = OperationSpec("debit", _prepare, _on_commit, _on_abort, prepare_many=prepare_many)
+    res = opened()
+    results = res.prepare_many([("t1", batched, args("t1", 40)), ("t2", batched, args("t2", 70))])
+    assert results[0] is None and isinstance(results[1], Refuse)
+    assert hold_ids(db) == ["t1"]  # the batch handler's writes were rolled back
