@@ -294,9 +294,12 @@ def run_chaos(cfg: ChaosConfig) -> ChaosResult:
     try:
         services.start_coordinator(TWOPHASE_LOG_URL=coordinator_log_url)
         for name in BANKS:
-            url = bank_c_db if name == RESERVATION_BANK else cfg.pg_url
-            kind = "reservation" if name == RESERVATION_BANK else "postgres"
-            services.start_bank(name, url, kind)
+            if name == RESERVATION_BANK:
+                # its prepare log lives in its own database: branches and records share one
+                # local transaction, and the faults below hit that path too
+                services.start_bank(name, bank_c_db, "reservation", TWOPHASE_LOG_URL=bank_c_db)
+            else:
+                services.start_bank(name, cfg.pg_url, "postgres")
         services.wait_ready(
             [topology.COORDINATOR_QUEUE, *(topology.participant_queue(b) for b in BANKS)]
         )

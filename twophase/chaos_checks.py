@@ -142,7 +142,10 @@ class Inspector:
         self.pg_url = pg_url
         self.decision_log = DecisionLog(coordinator_log_url)
         self.prepare_logs = {
-            name: PrepareLog(str(data_dir / f"{name}.log.db"), name) for name in BANKS
+            name: PrepareLog(
+                bank_c_db if name == RESERVATION_BANK else str(data_dir / f"{name}.log.db"), name
+            )
+            for name in BANKS
         }
         self.resources: dict[str, Any] = {}
         for name in PG_BANKS:

@@ -24,3 +24,23 @@ def test_plot_sweep_writes_a_png(tmp_path: Path) -> None:
     target = tmp_path / "sweep.png"
     plot_sweep(points, str(target))
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bench_database_keeps_the_servers_query_options() -> None:
+    from twophase.bench import _on_database
+
+    socket = "postgresql://postgres@/postgres?host=/var/run/postgresql"
+    assert _on_database(socket, "b1") == "postgresql://postgres@/b1?host=/var/run/postgresql"
+    tcp = "postgresql://postgres:pw@127.0.0.1:5432/postgres"
+    assert _on_database(tcp, "b2") == "postgresql://postgres:pw@127.0.0.1:5432/b2"
+
+
+def test_the_default_server_is_the_local_socket_when_there_is_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twophase import bench
+
+    monkeypatch.setattr(bench, "LOCAL_PG_SOCKET", tmp_path / ".s.PGSQL.5432")
+    assert bench.default_pg_url() == "postgresql://postgres@127.0.0.1:5432/postgres"
+    (tmp_path / ".s.PGSQL.5432").touch()
+    assert bench.default_pg_url() == f"postgresql://postgres@/postgres?host={tmp_path}"
