@@ -29,8 +29,10 @@ def test_plot_sweep_writes_a_png(tmp_path: Path) -> None:
 def test_the_bench_database_keeps_the_servers_query_options() -> None:
     from twophase.bench import _on_database
 
-    socket = "postgresql://postgres@/postgres?host=/var/run/postgresql"
-    assert _on_database(socket, "b1") == "postgresql://postgres@/b1?host=/var/run/postgresql"
+    from sqlalchemy.engine import make_url
+
+    moved = make_url(_on_database("postgresql://postgres@/postgres?host=/var/run/postgresql", "b1"))
+    assert (moved.database, moved.query["host"], moved.host) == ("b1", "/var/run/postgresql", None)
     tcp = "postgresql://postgres:pw@127.0.0.1:5432/postgres"
     assert _on_database(tcp, "b2") == "postgresql://postgres:pw@127.0.0.1:5432/b2"
 
