@@ -27,9 +27,9 @@ def test_plot_sweep_writes_a_png(tmp_path: Path) -> None:
 
 
 def test_the_bench_database_keeps_the_servers_query_options() -> None:
-    from twophase.bench import _on_database
-
     from sqlalchemy.engine import make_url
+
+    from twophase.bench import _on_database
 
     moved = make_url(_on_database("postgresql://postgres@/postgres?host=/var/run/postgresql", "b1"))
     assert (moved.database, moved.query["host"], moved.host) == ("b1", "/var/run/postgresql", None)
