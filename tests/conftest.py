@@ -11,7 +11,8 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
@@ -96,3 +97,26 @@ def pg_url(pg_server: str) -> Iterator[str]:
             ) as other:
                 other.execute(f"ROLLBACK PREPARED '{gid}'")
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def forbid_fallback(monkeypatch: pytest.MonkeyPatch) -> Callable[[Any], None]:
+    """Make a ReservationResource fail the test if a batch falls back to branch-by-branch.
+
+    That fallback is for refusals and failures; on a healthy batch it would hide a broken batch
+    statement behind correct results (it once did)."""
+
+    def forbid(resource: Any) -> None:
+        def no_fallback(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("fell back to branch-by-branch")
+
+        real_batch = resource._prepare_batch
+
+        def optimistic_only(*args: Any, isolate: bool) -> Any:
+            assert not isolate, "fell back to a savepoint per branch"
+            return real_batch(*args, isolate=isolate)
+
+        monkeypatch.setattr(resource, "_finish_each", no_fallback)
+        monkeypatch.setattr(resource, "_prepare_batch", optimistic_only)
+
+    return forbid

@@ -423,26 +423,14 @@ def test_more_in_flight_branches_than_pool_size(bank: Bank) -> None:
     assert [bank.balance(f"a{i}") for i in range(6)] == [95, 95, 95, 100, 100, 100]
 
 
-@pytest.mark.parametrize("bank", ["reservation-pg", "reservation-sqlite"], indirect=True)
+@pytest.mark.parametrize("bank", ["reservation-pg"], indirect=True)
 def test_healthy_batches_in_a_unit_need_no_second_attempt(
-    bank: Bank, monkeypatch: pytest.MonkeyPatch
+    bank: Bank, forbid_fallback: Callable[[Any], None]
 ) -> None:
-    """Batch statements (ANY(array) lookups, UPDATE ... RETURNING) work on each dialect:
-    the branch-by-branch fallback would hide a broken one behind correct results."""
+    """The batch statements (ANY(array) lookups, UPDATE ... RETURNING) work on PostgreSQL."""
     res = bank.resource()
     assert isinstance(res, ReservationResource)
-
-    def no_fallback(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("fell back to branch-by-branch")
-
-    monkeypatch.setattr(res, "_finish_each", no_fallback)
-    real_batch = res._prepare_batch
-
-    def optimistic_only(*args: Any, isolate: bool) -> Any:
-        assert not isolate, "fell back to a savepoint per branch"
-        return real_batch(*args, isolate=isolate)
-
-    monkeypatch.setattr(res, "_prepare_batch", optimistic_only)
+    forbid_fallback(res)
     branches = [
         (f"u{i}", bank.debit, {"hold": f"u{i}", "account": "alice", "amount": 1}) for i in range(3)
     ]

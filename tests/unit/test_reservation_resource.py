@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -369,22 +370,10 @@ def test_a_branch_listed_twice_in_a_batch_is_finished_once(opened: Any, db: Path
 
 
 def test_healthy_batches_need_no_second_attempt(
-    opened: Any, db: Path, monkeypatch: pytest.MonkeyPatch
+    opened: Any, db: Path, forbid_fallback: Callable[[Any], None]
 ) -> None:
-    """The branch-by-branch fallback is for failures only (it once hid a broken statement)."""
-
-    def no_fallback(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("fell back to branch-by-branch")
-
     res = opened()
-    monkeypatch.setattr(res, "_finish_each", no_fallback)
-    real_batch = res._prepare_batch
-
-    def optimistic_only(*args: Any, isolate: bool) -> Any:
-        assert not isolate, "fell back to a savepoint per branch"
-        return real_batch(*args, isolate=isolate)
-
-    monkeypatch.setattr(res, "_prepare_batch", optimistic_only)
+    forbid_fallback(res)
     assert res.prepare_many([("t1", DEBIT, args("t1", 10)), ("t2", DEBIT, args("t2", 20))]) == [
         None,
         None,
