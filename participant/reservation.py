@@ -222,8 +222,9 @@ class ReservationResource:
     def prepare_many_in(
         self, unit: sa.Connection, branches: Sequence[Branch]
     ) -> list[Refuse | None]:
-        """:meth:`prepare_many` in ``unit``'s open transaction (see :meth:`begin_unit`); each
-        attempt runs in a savepoint, so a rolled-back attempt leaves the unit's other work."""
+        """:meth:`prepare_many` in ``unit``'s open transaction (see :meth:`begin_unit`); an
+        attempt that fails is undone alone (see :func:`_attempt_in`), the unit's other work
+        stays."""
         return self._prepare(unit, branches)
 
     def _prepare(

@@ -11,7 +11,7 @@ Choices made here (the architecture leaves them open):
 * PostgreSQL engines use a pool of 5, with a 10 s connect timeout unless the URL names one. No
   ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets a dropped
   connection is retried on a fresh one (SQLAlchemy invalidates the pool on a disconnect).
-  Every session runs with ``plan_cache_mode=force_custom_plan`` (see :data:`PG_SESSION_OPTIONS`).
+  Tables this process fills are analyzed early (see :class:`AnalyzeSchedule`).
   Creating an engine never connects; :func:`check_connection` does, and turns a
   failure into a one-line :class:`ConfigurationError`.
 * :class:`RecordLog` writes each batch in one transaction (group commit) with an executemany
@@ -51,30 +51,22 @@ _KIND_MAX = 40
 _APPEND_ATTEMPTS = 3
 
 
-#: psycopg turns a statement run 5 times into a prepared one, and PostgreSQL may then cache a
-#: generic plan made while a log or reservation table was young and small: a sequential scan,
-#: which it keeps after the table has grown, until autoanalyze happens to invalidate it. The
-#: benchmark saw lookups by tx_id take 35-50 ms that way. Custom plans see the table's real size.
-PG_SESSION_OPTIONS = ""
-
-
 def pg_connect_args(parsed: URL) -> dict[str, Any]:
-    """connect_args for a psycopg engine: a connect timeout and :data:`PG_SESSION_OPTIONS`."""
+    """connect_args for a psycopg engine: a connect timeout unless the URL names one."""
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = 10
-    if "options" not in parsed.query and PG_SESSION_OPTIONS:
-        connect_args["options"] = PG_SESSION_OPTIONS
     return connect_args
 
 
 class AnalyzeSchedule:
-    """When to ANALYZE a table this process fills: after 1,000 rows written, then 4x as many...
+    """When to ANALYZE a table this process fills: after 2,000 rows written, then 8x as many...
 
     A young table has no statistics until autovacuum first gets to it (a minute or more), and
     until then PostgreSQL guesses that a lookup of a hundred tx ids matches half the table and
-    scans all of it. Growing tables are analyzed early, then ever more rarely; from a million
-    rows on, autovacuum is left alone to keep the statistics.
+    scans all of it (the benchmark saw such lookups take 35 to 50 ms; a plan psycopg prepared
+    while the table was empty kept scanning too). Growing tables are analyzed early, then ever
+    more rarely; past a million rows, autovacuum alone keeps the statistics.
     """
 
     def __init__(self, first: int = 2_000, factor: int = 8, last: int = 1_000_000) -> None:
