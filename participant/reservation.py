@@ -433,25 +433,26 @@ class ReservationResource:
         """One UPDATE ... RETURNING per outcome changes the prepared rows and reads their args;
         a branch it did not change is looked at only then (done before, or a hazard)."""
         participant, decide = self._bound(), _statements(conn.dialect.name).decide
-        changed_before: set[str] = set()  # a branch listed twice is finished once
         for outcome in ("committed", "aborted"):
-            wanted = [b for b in branches if (b[3] is True) == (outcome == "committed")]
-            if not wanted:
+            first: dict[str, Finish] = {}  # a branch listed twice is finished once
+            for branch in branches:
+                if (branch[3] is True) == (outcome == "committed"):
+                    first.setdefault(branch[0], branch)
+            if not first:
                 continue
-            ids = list(dict.fromkeys(b[0] for b in wanted))
+            ids, wanted = list(first), list(first.values())
             params = {"of_participant": participant, "tx_ids": ids, "new_state": outcome}
             changed = {row.tx_id: row for row in conn.execute(decide, params)}
             unchanged = [tx_id for tx_id in ids if tx_id not in changed]
             states = self._states(conn, unchanged) if unchanged else {}
             by_operation: dict[str, tuple[OperationSpec, list[dict[str, Any]]]] = {}
             for tx_id, op, _args, _commit in wanted:
-                row = changed.pop(tx_id, None)
+                row = changed.get(tx_id)
                 if row is None:
-                    state = states.get(tx_id, outcome if tx_id in changed_before else None)
+                    state = states.get(tx_id)
                     if state == outcome or (state is None and outcome == "aborted"):
                         continue  # done before, or an abort of a branch never prepared here
                     raise ResourceError(f"cannot finish {tx_id!r}: it is {state}")
-                changed_before.add(tx_id)
                 if op is None or op.name != row.operation:
                     raise ResourceError(f"{tx_id!r} needs operation {row.operation!r}")
                 by_operation.setdefault(op.name, (op, []))[1].append(json.loads(row.args))
