@@ -14,18 +14,18 @@ import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
 from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish, ResourceError
+from twophase import pgpipe
 from twophase.store import (
     AnalyzeSchedule,
     ConfigurationError,
     analyze_in_background,
-    copy_rows,
     database_url,
     in_ids,
     pg_connect_args,
@@ -131,9 +131,23 @@ def _attempt_in(unit: sa.Connection) -> Iterator[sa.Transaction]:
     unit.info[_UNIT_HAS_WORK] = True
 
 
+#: On PostgreSQL the hot statements go through psycopg directly (see :mod:`twophase.pgpipe`):
+#: the first of a transaction carries its BEGIN, and the reservations are written with the
+#: batch's COMMIT.
+_PG_STATES = (
+    "SELECT tx_id, state FROM twophase_reservation WHERE participant = %s AND tx_id = ANY(%s)"
+)
+_PG_DECIDE = (
+    "UPDATE twophase_reservation SET state = %s, decided_at = now()"
+    " WHERE participant = %s AND tx_id = ANY(%s) AND state = 'prepared'"
+    " RETURNING tx_id, operation, args"
+)
+
+
 class _Statements:
-    """The resource's own statements, built once per dialect (SQLAlchemy then caches their
-    compiled form, and a statement's text does not change with the batch size)."""
+    """The resource's own statements on other databases, built once per dialect (SQLAlchemy
+    then caches their compiled form, and a statement's text does not change with the batch
+    size)."""
 
     def __init__(self, dialect: str) -> None:
         t = _reservations
@@ -149,18 +163,33 @@ class _Statements:
         )
 
 
+class _Decided(NamedTuple):
+    tx_id: str
+    operation: str
+    args: str
+
+
+def _settle_deferred(unit: sa.Connection) -> None:
+    """Send the unit's deferred writes before an attempt that may be undone alone: written
+    inside its savepoint, a rollback of the attempt would take them along."""
+    if pgpipe.is_postgres(unit):
+        pgpipe.flush(unit)
+
+
 @functools.cache
 def _statements(dialect: str) -> _Statements:
     return _Statements(dialect)
 
 
 def _insert_reservations(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-    if conn.dialect.name != "postgresql":
+    """Write ``rows`` in ``conn``'s transaction (on PostgreSQL with its commit)."""
+    if not pgpipe.is_postgres(conn):
         conn.execute(sa.insert(_reservations), rows)
         return
     columns = {"participant": "text", "tx_id": "text", "operation": "text"}
     columns |= {"state": "text", "args": "text"}
-    copy_rows(conn, _reservations, columns, [tuple(row[c] for c in columns) for row in rows])
+    values = [tuple(row[c] for c in columns) for row in rows]
+    pgpipe.defer(conn, pgpipe.insert_rows("twophase_reservation", columns, values))
 
 
 class ReservationResource:
@@ -234,6 +263,8 @@ class ReservationResource:
         if not branches:
             return []
         try:
+            if unit is not None:
+                _settle_deferred(unit)
             try:
                 return self._attempt(unit, branches, isolate=False)
             except _NeedsIsolation:
@@ -316,9 +347,14 @@ class ReservationResource:
         return results, len(rows)
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
-        found, query = {}, _statements(conn.dialect.name).states
+        found: dict[str, str] = {}
+        postgres, query = pgpipe.is_postgres(conn), _statements(conn.dialect.name).states
         for start in range(0, len(tx_ids), 500):
-            params = {"of_participant": self._bound(), "tx_ids": tx_ids[start : start + 500]}
+            chunk = tx_ids[start : start + 500]
+            if postgres:
+                found.update(pgpipe.fetch(conn, _PG_STATES, (self._bound(), chunk)))
+                continue
+            params = {"of_participant": self._bound(), "tx_ids": chunk}
             found.update({row.tx_id: row.state for row in conn.execute(query, params)})
         return found
 
@@ -390,6 +426,7 @@ class ReservationResource:
         """
         if not branches:
             return
+        _settle_deferred(unit)
         try:
             with _attempt_in(unit):
                 self._finish_optimistically(unit, branches)
@@ -427,6 +464,7 @@ class ReservationResource:
         conn = self._engine.connect()
         conn.begin()
         conn.info[_UNIT_HAS_WORK] = False
+        pgpipe.discard(conn)  # nothing of an earlier unit on this connection is sent
         return conn
 
     def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
@@ -441,8 +479,7 @@ class ReservationResource:
             if not first:
                 continue
             ids, wanted = list(first), list(first.values())
-            params = {"of_participant": participant, "tx_ids": ids, "new_state": outcome}
-            changed = {row.tx_id: row for row in conn.execute(decide, params)}
+            changed = self._decide_many(conn, decide, participant, ids, outcome)
             unchanged = [tx_id for tx_id in ids if tx_id not in changed]
             states = self._states(conn, unchanged) if unchanged else {}
             by_operation: dict[str, tuple[OperationSpec, list[dict[str, Any]]]] = {}
@@ -460,6 +497,20 @@ class ReservationResource:
                 hook = op.hook(outcome == "committed")
                 if hook is not None:
                     hook(conn, args_list)
+
+    @staticmethod
+    def _decide_many(
+        conn: sa.Connection, decide: Any, participant: str, ids: list[str], outcome: str
+    ) -> dict[str, _Decided]:
+        """Move the prepared ones of ``ids`` to ``outcome``: what each changed row held."""
+        if pgpipe.is_postgres(conn):
+            rows = pgpipe.fetch(conn, _PG_DECIDE, (outcome, participant, ids))
+            return {row[0]: _Decided(*row) for row in rows}
+        params = {"of_participant": participant, "tx_ids": ids, "new_state": outcome}
+        return {
+            row.tx_id: _Decided(row.tx_id, row.operation, row.args)
+            for row in conn.execute(decide, params)
+        }
 
     def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:
         with self._engine.begin() as conn:

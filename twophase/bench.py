@@ -34,6 +34,8 @@ from twophase.processes import ServiceGroup
 from twophase.store import ConfigurationError, database_url
 
 RESOURCES = ("reservation", "postgres", "sqlite")
+#: the steps of a driver's turn whose wall time the services count (``DriverStats``)
+TURN_STEPS = ("handle_ns", "flush_ns", "publish_ns", "ack_ns")
 ACCOUNTS = 20_000
 OPENING = 10**12
 
@@ -209,7 +211,14 @@ def summarize(
     flushes = 0
     for name, end in after.items():
         start = before.get(name, {})
-        counted = ("messages_out", "protocol_messages_out", "log_flushes", "cpu_s")
+        counted = (
+            "messages_out",
+            "protocol_messages_out",
+            "log_flushes",
+            "cpu_s",
+            "batches",
+            *TURN_STEPS,
+        )
         delta = {k: end.get(k, 0) - start.get(k, 0) for k in counted}
         messages += delta["messages_out"]
         protocol_messages += delta["protocol_messages_out"]
@@ -218,6 +227,12 @@ def summarize(
             "cpu_ms_per_tx": round(1000 * delta["cpu_s"] / done, 3),
             "peak_rss_mib": round(end.get("peak_rss_mib", 0.0), 1),
         }
+        if delta["batches"]:
+            processes[name]["batches_per_tx"] = round(delta["batches"] / done, 2)
+            processes[name]["turn_ms_per_batch"] = {
+                step.removesuffix("_ns"): round(delta[step] / delta["batches"] / 1e6, 3)
+                for step in TURN_STEPS
+            }
     lat = sorted(w.latencies_ms)
     return {
         "offered_per_s": rate or None,

@@ -46,6 +46,12 @@ def print_table(result: dict[str, Any], out: IO[str]) -> None:
             f"{name}: CPU ms/tx, peak RSS MiB",
             f"{figures['cpu_ms_per_tx']}, {figures['peak_rss_mib']}",
         )
+        steps = figures.get("turn_ms_per_batch")
+        if steps:
+            table.add_row(
+                f"{name}: turns/tx; ms per turn: " + " ".join(steps),
+                f"{figures['batches_per_tx']}; " + " ".join(f"{v:.2f}" for v in steps.values()),
+            )
     for key, value in result.get("baselines", {}).items():
         table.add_row(f"baseline: {key}", str(value))
     console.print(table)

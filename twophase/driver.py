@@ -104,6 +104,11 @@ class DriverStats:
     dead_lettered: int = 0
     protocol_violations: int = 0
     reconnects: int = 0
+    #: nanoseconds of turns spent in each step (what ``twophase bench`` reports per process)
+    handle_ns: int = 0
+    flush_ns: int = 0
+    publish_ns: int = 0
+    ack_ns: int = 0
 
 
 @dataclass
@@ -216,6 +221,10 @@ class BatchDriver(ABC, Generic[R]):
             "log_flushes": self.journal.flushes,
             "log_records": self.journal.log.rows_written,
             "dead_lettered": self.stats.dead_lettered,
+            "handle_ns": self.stats.handle_ns,
+            "flush_ns": self.stats.flush_ns,
+            "publish_ns": self.stats.publish_ns,
+            "ack_ns": self.stats.ack_ns,
         }
 
     def every(self, interval_s: float, chore: Callable[[int], None]) -> None:
@@ -285,19 +294,28 @@ class BatchDriver(ABC, Generic[R]):
         events.extend(TimerFired(key) for key in self.timers.due(now))
         if not events:
             return
-        self.stats.batches += 1
-        self.stats.messages_in += len(deliveries)
+        stats = self.stats
+        stats.batches += 1
+        stats.messages_in += len(deliveries)
+        started = time.perf_counter_ns()
         self._run_events(events, now)
+        handled = time.perf_counter_ns()
+        stats.handle_ns += handled - started
         # A crash point fires only where its step did something, so that an armed point hits
         # a batch that really persisted, published or acked (not an idle turn at start-up).
         if self._flush_records():
             crashpoint(f"{self.side}.after_persist")
+        flushed = time.perf_counter_ns()
+        stats.flush_ns += flushed - handled
         if self._sends:
             self._publish()
             crashpoint(f"{self.side}.after_publish")
+        published = time.perf_counter_ns()
+        stats.publish_ns += published - flushed
         self.channel.ack(good)
         if good:
             crashpoint(f"{self.side}.after_ack")
+        stats.ack_ns += time.perf_counter_ns() - published
         if self.observing:
             self.on_batch_end(len(deliveries))
 
