@@ -42,7 +42,7 @@ from participant.operations import (
 from participant.resources import Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
-from twophase import config, logs, tracing
+from twophase import config, logs, store, tracing
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
 from twophase.driver import BatchDriver
@@ -264,7 +264,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             return
         try:
             self.prepare_log.append_in(unit, records)
-            unit.commit()
+            store.commit(unit)  # on PostgreSQL: branches, records and COMMIT in one round trip
         finally:
             self._close_unit()
 

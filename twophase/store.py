@@ -14,13 +14,16 @@ Choices made here (the architecture leaves them open):
   Tables this process fills are analyzed early (see :class:`AnalyzeSchedule`).
   Creating an engine never connects; :func:`check_connection` does, and turns a
   failure into a one-line :class:`ConfigurationError`.
-* :class:`RecordLog` writes each batch in one transaction (group commit) with an executemany
-  insert. ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
+* :class:`RecordLog` writes each batch in one transaction (group commit). On PostgreSQL the
+  batch is one ``INSERT ... SELECT FROM unnest(...)`` sent with its BEGIN and COMMIT in one
+  round trip (:mod:`twophase.pgpipe`), and reads run in autocommit (one round trip each).
+  ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
   write is a plain INSERT or DELETE, so SQLite writers never upgrade a read lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -33,6 +36,8 @@ import sqlalchemy as sa
 from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
+
+from twophase import pgpipe
 
 log = logging.getLogger("twophase.store")
 
@@ -113,22 +118,22 @@ def in_ids(
     return column == sa.any_(sa.bindparam(name, type_=postgresql.ARRAY(sa.String())))
 
 
-def copy_rows(
-    conn: sa.Connection, table: sa.Table, columns: dict[str, str], rows: Sequence[tuple[Any, ...]]
-) -> None:
-    """Insert ``rows`` into ``table`` with one binary COPY, in ``conn``'s transaction.
+def commit(conn: sa.Connection) -> None:
+    """Commit ``conn``'s transaction; on PostgreSQL with its deferred writes in one round trip."""
+    if pgpipe.is_postgres(conn):
+        pgpipe.commit(conn)
+    else:
+        conn.commit()
 
-    A batch as one statement, in order: an executemany would be one statement execution per
-    row (most of the server's work per transaction, as profiled), and psycopg formats COPY
-    rows in C where it dumps array parameters in Python. ``columns`` maps names to types.
-    """
-    name = conn.dialect.identifier_preparer.format_table(table)
-    driver: Any = conn.connection.driver_connection
-    statement = f"COPY {name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
-    with driver.cursor() as cursor, cursor.copy(statement) as copy:
-        copy.set_types(list(columns.values()))
-        for row in rows:
-            copy.write_row(row)
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection for reads of an append-only log: on PostgreSQL in autocommit, so a read is
+    one round trip, not three (BEGIN, the query, the ROLLBACK when the pool takes it back)."""
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 class ConfigurationError(Exception):
@@ -271,14 +276,16 @@ class RecordLog:
         metadata.create_all(engine, checkfirst=True)
 
     def append(self, rows: Sequence[LogRow]) -> None:
-        """Write ``rows`` in one transaction; they are durable when this returns."""
+        """Write ``rows`` in one transaction; they are durable when this returns. On PostgreSQL
+        the BEGIN, the INSERT and the COMMIT travel in one round trip."""
         if not rows:
             return
         params = _params(rows)
         for attempt in range(_APPEND_ATTEMPTS):
             try:
-                with self.engine.begin() as conn:
-                    self.insert(conn, params)
+                with self.engine.connect() as conn:
+                    self._write(conn, params)
+                    commit(conn)
                 break
             except sa.exc.DBAPIError as exc:
                 # A connection the server dropped (restart, idle kill): retry on a fresh one. If
@@ -289,13 +296,14 @@ class RecordLog:
         self._count(len(rows))
 
     def append_in(self, conn: sa.Connection, rows: Sequence[LogRow]) -> None:
-        """Write ``rows`` in ``conn``'s open transaction, which the caller then commits.
+        """Write ``rows`` in ``conn``'s open transaction, which the caller then commits (on
+        PostgreSQL the INSERT is deferred to the commit: see :mod:`twophase.pgpipe`).
 
         For a participant whose resource lives in the same database: its branches and their
         records become durable in one commit. A failed commit loses both, never one of them.
         """
         if rows:
-            self.insert(conn, _params(rows))
+            self._write(conn, _params(rows))
             self._count(len(rows))
 
     def _count(self, rows: int) -> None:
@@ -306,17 +314,17 @@ class RecordLog:
         if due:
             analyze_in_background(self.engine, self.table)
 
-    def insert(self, conn: sa.Connection, params: list[dict[str, Any]]) -> None:
-        """Insert ``params`` (tx_id, kind, body, written_at) in ``conn``'s transaction."""
-        if conn.dialect.name != "postgresql":
+    def _write(self, conn: sa.Connection, params: list[dict[str, Any]]) -> None:
+        """Insert ``params`` in ``conn``'s transaction: on PostgreSQL deferred to its commit."""
+        if not pgpipe.is_postgres(conn):
             conn.execute(sa.insert(self.table), params)
             return
-        copy_rows(
-            conn,
-            self.table,
+        statement = pgpipe.insert_rows(
+            conn.dialect.identifier_preparer.format_table(self.table),
             {"tx_id": "text", "kind": "text", "body": "bytea", "written_at": "float8"},
             [(p["tx_id"], p["kind"], p["body"], p["written_at"]) for p in params],
         )
+        pgpipe.defer(conn, statement)
 
     @staticmethod
     def _row(record: Any) -> LogRow:
@@ -342,7 +350,7 @@ class RecordLog:
     def rows_for(self, tx_ids: Iterable[str]) -> dict[str, list[LogRow]]:
         """Rows of the given tx ids, each list ordered by seq; ids without rows are absent."""
         found: dict[str, list[LogRow]] = {}
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             for chunk in _chunks(_unique(tx_ids)):
                 self._grouped(conn.execute(self._rows_for(conn), {"ids": list(chunk)}), found)
         return found

@@ -443,3 +443,39 @@ def test_healthy_batches_in_a_unit_need_no_second_attempt(
     unit.commit()
     unit.close()
     assert res.committed([tx for tx, _, _ in branches]) == {"u0", "u1", "u2"}
+
+
+@pytest.mark.parametrize("bank", ["reservation-pg"], indirect=True)
+def test_a_branch_prepared_then_aborted_in_one_unit_releases_its_hold(bank: Bank) -> None:
+    """The reservations of a prepare wait for the unit's commit (one round trip with it); an
+    abort later in the same unit must still find and release them."""
+    res = bank.resource()
+    assert isinstance(res, ReservationResource)
+    unit = res.begin_unit()
+    branch = ("p-then-a", bank.debit, {"hold": "p-then-a", "account": "alice", "amount": 7})
+    assert res.prepare_many_in(unit, [branch]) == [None]
+    res.finish_many_in(unit, [(*branch, False)])
+    unit.commit()
+    unit.close()
+    assert res.prepared() == set()
+    assert res.committed(["p-then-a"]) == set()
+    assert bank.holds() == 0
+    assert bank.balance("alice") == 100
+
+
+@pytest.mark.parametrize("bank", ["reservation-pg"], indirect=True)
+def test_a_rolled_back_unit_leaves_nothing_for_the_next_one(bank: Bank) -> None:
+    res = bank.resource()
+    assert isinstance(res, ReservationResource)
+    unit = res.begin_unit()
+    gone = ("gone", bank.debit, {"hold": "gone", "account": "alice", "amount": 5})
+    assert res.prepare_many_in(unit, [gone]) == [None]
+    unit.rollback()
+    unit.close()
+    unit = res.begin_unit()  # the same pooled connection (the only one checked in)
+    kept = ("kept", bank.debit, {"hold": "kept", "account": "a1", "amount": 5})
+    assert res.prepare_many_in(unit, [kept]) == [None]
+    unit.commit()
+    unit.close()
+    assert res.prepared() == {"kept"}
+    res.abort("kept", bank.debit, {"hold": "kept", "account": "a1", "amount": 5})
