@@ -105,6 +105,17 @@ def _reservation_bank(name: str, db_url: str, **options: Any) -> Participant:
             f"balance {row.balance}, held {row.held}, needs {params['amount']}"
         )
 
+    @debit.prepare_many
+    def hold_debits(db: sa.Connection, args_list: list[dict[str, Any]]) -> list[Refuse | None]:
+        """A batch's holds with one executemany. Each UPDATE holds at most one row, so the
+        count tells whether all went through; if not, the batch runs again branch by branch
+        (the resource's fallback), where each refusal gets its own reason."""
+        params = [{"account": _account(args), "amount": _amount(args)} for args in args_list]
+        held = db.execute(hold, params).rowcount
+        if held != len(params):
+            raise Refuse(f"{len(params) - held} of {len(params)} debits could not be held")
+        return [None] * len(params)
+
     # Batch hooks: a batch's debits (or credits) are applied by one executemany, which psycopg
     # sends as one pipeline. Each row is its own UPDATE, so an account twice in a batch is fine.
     @debit.on_commit_many
