@@ -14,6 +14,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -298,7 +299,15 @@ def _drop_database(pg_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the bench as Ctrl-C does: its services stop and its database is dropped
+    (by default the signal would kill the bench alone and leave its services running)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(128 + signal.SIGTERM))
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    _exit_on_sigterm()
     url = config.amqp_url(args.amqp_url)
     if args.plot:
         try:
