@@ -470,7 +470,6 @@ class ReservationResource:
     def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
         """One UPDATE ... RETURNING per outcome changes the prepared rows and reads their args;
         a branch it did not change is looked at only then (done before, or a hazard)."""
-        participant, decide = self._bound(), _statements(conn.dialect.name).decide
         for outcome in ("committed", "aborted"):
             first: dict[str, Finish] = {}  # a branch listed twice is finished once
             for branch in branches:
@@ -479,7 +478,7 @@ class ReservationResource:
             if not first:
                 continue
             ids, wanted = list(first), list(first.values())
-            changed = self._decide_many(conn, decide, participant, ids, outcome)
+            changed = self._decide_many(conn, ids, outcome)
             unchanged = [tx_id for tx_id in ids if tx_id not in changed]
             states = self._states(conn, unchanged) if unchanged else {}
             by_operation: dict[str, tuple[OperationSpec, list[dict[str, Any]]]] = {}
@@ -498,18 +497,17 @@ class ReservationResource:
                 if hook is not None:
                     hook(conn, args_list)
 
-    @staticmethod
     def _decide_many(
-        conn: sa.Connection, decide: Any, participant: str, ids: list[str], outcome: str
+        self, conn: sa.Connection, ids: list[str], outcome: str
     ) -> dict[str, _Decided]:
         """Move the prepared ones of ``ids`` to ``outcome``: what each changed row held."""
         if pgpipe.is_postgres(conn):
-            rows = pgpipe.fetch(conn, _PG_DECIDE, (outcome, participant, ids))
+            rows = pgpipe.fetch(conn, _PG_DECIDE, (outcome, self._bound(), ids))
             return {row[0]: _Decided(*row) for row in rows}
-        params = {"of_participant": participant, "tx_ids": ids, "new_state": outcome}
+        params = {"of_participant": self._bound(), "tx_ids": ids, "new_state": outcome}
         return {
             row.tx_id: _Decided(row.tx_id, row.operation, row.args)
-            for row in conn.execute(decide, params)
+            for row in conn.execute(_statements(conn.dialect.name).decide, params)
         }
 
     def _decide(self, tx_id: str, op: OperationSpec | None, outcome: str) -> None:

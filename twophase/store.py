@@ -131,7 +131,7 @@ def reading(engine: Engine) -> Iterator[sa.Connection]:
     """A connection for reads of an append-only log: on PostgreSQL in autocommit, so a read is
     one round trip, not three (BEGIN, the query, the ROLLBACK when the pool takes it back)."""
     with engine.connect() as conn:
-        if conn.dialect.name == "postgresql":
+        if pgpipe.is_postgres(conn):
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         yield conn
 
