@@ -28,6 +28,7 @@ from participant.resources import (
     check_max_prepared_transactions,
     redact_url,
 )
+from twophase import pgpipe, store
 
 pytestmark = pytest.mark.integration
 
@@ -479,3 +480,21 @@ def test_a_rolled_back_unit_leaves_nothing_for_the_next_one(bank: Bank) -> None:
     unit.close()
     assert res.prepared() == {"kept"}
     res.abort("kept", bank.debit, {"hold": "kept", "account": "a1", "amount": 5})
+
+
+@pytest.mark.parametrize("bank", ["reservation-pg"], indirect=True)
+def test_a_unit_whose_pipelined_commit_fails_leaves_nothing(bank: Bank) -> None:
+    """The reservations and log records travel with the COMMIT: if any of it fails, nothing of
+    the batch is durable, and the caller (the worker) raises before it publishes a vote."""
+    res = bank.resource()
+    assert isinstance(res, ReservationResource)
+    unit = res.begin_unit()
+    branch = ("lost", bank.debit, {"hold": "lost", "account": "alice", "amount": 3})
+    assert res.prepare_many_in(unit, [branch]) == [None]
+    pgpipe.defer(unit, ("SELECT 1 / 0", ()))  # stands for a log insert the server refuses
+    with pytest.raises(sa.exc.DBAPIError, match="division by zero"):
+        store.commit(unit)
+    unit.close()
+    assert res.prepared() == set()
+    assert bank.holds() == 0
+    assert bank.balance("alice") == 100
