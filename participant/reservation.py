@@ -201,8 +201,10 @@ class ReservationResource:
 
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
         parsed = sa.make_url(_sqlalchemy_url(url))
-        connect_args = pg_connect_args(parsed) if parsed.get_backend_name() == "postgresql" else {}
-        self._engine = sa.create_engine(parsed, connect_args=connect_args)
+        if parsed.get_backend_name() == "postgresql":
+            self._engine = pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))
+        else:
+            self._engine = sa.create_engine(parsed)
         self._participant: str | None = None
         self._analyze = AnalyzeSchedule()
         if self._engine.dialect.name == "sqlite":

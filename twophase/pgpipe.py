@@ -7,12 +7,20 @@ statements go through the psycopg connection under the SQLAlchemy one, in pipeli
 batch takes about 7 round trips instead of 13. (At 500/s, where the machine is saturated by CPU,
 the gain in latency measured within the run-to-run spread; see the README's figures.)
 
+Explicit transactions. psycopg begins a transaction by itself, with a round trip of its own
+(in pipeline mode it syncs after the BEGIN, to learn the new status), and a commit inside a
+pipeline syncs once more before the pipeline's own closing sync. So the engines made here run
+psycopg in autocommit and the transaction is ours: its BEGIN travels with its first statement
+and its COMMIT with its last writes. A guard keeps SQLAlchemy's meaning: a statement run while
+SQLAlchemy holds a transaction first opens one on the server (see :func:`create_engine`).
+
 * :func:`fetch` sends a query together with the BEGIN that opens the transaction (one round
   trip instead of two);
 * :func:`defer` keeps a write until the next :func:`flush` or :func:`commit`, which send the
-  writes and the COMMIT in one round trip; a plain ``Connection.commit()`` flushes them as well
-  (a ``commit`` event), and a rollback drops them, so a deferred write is never silently lost
-  nor left over for the connection's next user.
+  writes and the COMMIT in one round trip (a transaction that has not begun on the server
+  sends its BEGIN with them); a plain ``Connection.commit()`` flushes them as well (a
+  ``commit`` event), and a rollback drops them, so a deferred write is never silently lost nor
+  left over for the connection's next user.
 
 :func:`insert_rows` builds one ``INSERT ... SELECT FROM unnest(...)`` for a batch of rows: one
 statement whatever the batch size, rows in the given order. COPY would cost two round trips and
@@ -29,17 +37,53 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
-__all__ = ["commit", "defer", "discard", "fetch", "flush", "insert_rows", "is_postgres"]
+__all__ = [
+    "commit",
+    "create_engine",
+    "defer",
+    "discard",
+    "fetch",
+    "flush",
+    "insert_rows",
+    "is_postgres",
+]
 
 #: Connection.info key of the deferred writes: [(sql, params), ...]
 _DEFERRED = "twophase.deferred_writes"
 _engines_listened: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 Statement = tuple[str, Sequence[Any]]
 
 
 def is_postgres(conn: sa.Connection) -> bool:
     return conn.dialect.name == "postgresql"
+
+
+def create_engine(url: sa.URL, **options: Any) -> sa.Engine:
+    """A psycopg engine whose transactions are explicit: psycopg runs in autocommit, the BEGIN
+    travels with the first statement of a transaction, and SQLAlchemy's transactions keep their
+    meaning (a statement run in one opens it on the server first). A connection set to
+    ``isolation_level="AUTOCOMMIT"`` by its caller really runs each statement on its own."""
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT", **options)
+    sa.event.listen(engine, "before_cursor_execute", _begin_before)
+    _listen(engine)
+    return engine
+
+
+def _begin_before(conn: sa.Connection, *_statement: Any) -> None:
+    """A statement SQLAlchemy runs in a transaction that the server has not begun: begin it."""
+    if conn.in_transaction() and conn.get_execution_options().get("isolation_level") is None:
+        driver = _driver(conn)
+        if _opens_transaction(driver):
+            with _as_sqlalchemy_errors(conn, "BEGIN"):
+                driver.execute("BEGIN")
+
+
+def _opens_transaction(driver: Any) -> bool:
+    """Whether the next statement must send the BEGIN itself (psycopg sends it, with a round
+    trip of its own, unless in autocommit)."""
+    return bool(driver.autocommit) and driver.pgconn.transaction_status == _IDLE
 
 
 def insert_rows(table: str, columns: dict[str, str], rows: Sequence[Sequence[Any]]) -> Statement:
@@ -79,7 +123,10 @@ def fetch(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[tuple[An
     begun on the server yet, its BEGIN travels in the same round trip."""
     with _as_sqlalchemy_errors(conn, sql):
         driver = _driver(conn)
+        begin = _opens_transaction(driver)
         with driver.pipeline():
+            if begin:
+                driver.execute("BEGIN")
             cursor = driver.execute(sql, params)
         return list(cursor.fetchall())
 
@@ -105,13 +152,21 @@ def commit(conn: sa.Connection) -> None:
 
 
 def _send(conn: sa.Connection, statements: Sequence[Statement], *, commit: bool) -> None:
+    """One round trip: ``statements`` (and the COMMIT), after the BEGIN if it is still due."""
     described = "; ".join([sql for sql, _ in statements] + (["COMMIT"] if commit else []))
     with _as_sqlalchemy_errors(conn, described):
         driver = _driver(conn)
+        begin = _opens_transaction(driver)
+        if begin and not statements:
+            return  # nothing happened on the server: nothing to commit
         with driver.pipeline():
+            if begin:
+                driver.execute("BEGIN")
             for sql, params in statements:
                 driver.execute(sql, params)
-            if commit:
+            if commit and driver.autocommit:
+                driver.execute("COMMIT")  # in the pipeline's one sync, not a sync of its own
+            elif commit:
                 driver.commit()
 
 

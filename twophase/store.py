@@ -194,7 +194,7 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed)
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
-    return sa.create_engine(parsed, pool_size=5, connect_args=pg_connect_args(parsed))
+    return pgpipe.create_engine(parsed, pool_size=5, connect_args=pg_connect_args(parsed))
 
 
 def _first_line(exc: BaseException) -> str:

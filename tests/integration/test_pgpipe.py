@@ -1,0 +1,146 @@
+"""twophase.pgpipe on a real PostgreSQL: round trips counted, and SQLAlchemy's transactions kept.
+
+Round trips are counted in libpq's protocol trace: the server ends each one with a
+ReadyForQuery message (a pipeline's Sync, or a query outside a pipeline).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from twophase import pgpipe, store
+from twophase.store import ConfigurationError, LogRow, RecordLog, check_connection, make_engine
+
+pytestmark = pytest.mark.integration
+
+PG_URL = os.environ.get("TWOPHASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+@pytest.fixture
+def engine() -> Iterator[sa.Engine]:
+    eng = make_engine(PG_URL)
+    try:
+        check_connection(eng)
+    except ConfigurationError as exc:
+        eng.dispose()
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def table(engine: sa.Engine) -> Iterator[str]:
+    name = f"test_pgpipe_{uuid.uuid4().hex[:10]}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {name} (x int)")
+    yield name
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP TABLE {name}")
+
+
+def round_trips(engine: sa.Engine, work: Callable[[], object]) -> int:
+    """Round trips ``work`` makes on the engine's one pooled connection."""
+    fd, path = tempfile.mkstemp()
+    try:
+        with engine.connect() as conn:  # the pool holds this one connection afterwards
+            conn.connection.driver_connection.pgconn.trace(fd)
+        work()
+        with engine.connect() as conn:
+            conn.connection.driver_connection.pgconn.untrace()
+        with open(path) as trace:
+            return sum("\tB\t" in line and "ReadyForQuery" in line for line in trace)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def values(engine: sa.Engine, table: str) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql(f"SELECT x FROM {table} ORDER BY x").scalars())
+
+
+def test_a_log_append_is_one_round_trip(engine: sa.Engine) -> None:
+    log = RecordLog(engine, f"test_pgpipe_log_{uuid.uuid4().hex[:10]}")
+    try:
+        batch = [LogRow("a", "BEGUN", b"x"), LogRow("b", "BEGUN", b"y")]
+        assert round_trips(engine, lambda: log.append(batch)) == 1  # BEGIN, INSERT, COMMIT
+        assert round_trips(engine, lambda: log.rows_for(["a"])) == 1  # autocommit read
+        assert [row.body for row in log.rows_for(["a", "b"])["b"]] == [b"y"]
+    finally:
+        log.table.drop(engine)
+
+
+def test_a_query_carries_the_begin_and_the_writes_carry_the_commit(
+    engine: sa.Engine, table: str
+) -> None:
+    def unit() -> None:
+        with engine.connect() as conn:
+            conn.begin()
+            assert pgpipe.fetch(conn, f"SELECT count(*) FROM {table}", ()) == [(0,)]
+            pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (1,)))
+            pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (2,)))
+            store.commit(conn)
+
+    assert round_trips(engine, unit) == 2
+    assert values(engine, table) == [1, 2]
+
+
+def test_sqlalchemy_transactions_stay_atomic(engine: sa.Engine, table: str) -> None:
+    """psycopg runs in autocommit under these engines: a statement SQLAlchemy runs in a
+    transaction must still open one on the server."""
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1)")
+        assert conn.connection.driver_connection.pgconn.transaction_status != IDLE
+        raise RuntimeError("undo")
+    assert values(engine, table) == []
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (2)")
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (3)")
+        conn.commit()
+    with engine.connect() as conn:  # rows written by one transaction share its xmin
+        writers = f"SELECT count(DISTINCT xmin::text) FROM {table}"
+        assert conn.exec_driver_sql(writers).scalar_one() == 1
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (4)")
+        savepoint = conn.begin_nested()
+        conn.exec_driver_sql(f"INSERT INTO {table} VALUES (5)")
+        savepoint.rollback()
+        conn.commit()
+    assert values(engine, table) == [2, 3, 4]
+
+
+def test_reads_marked_autocommit_open_no_transaction(engine: sa.Engine) -> None:
+    with store.reading(engine) as conn:
+        conn.exec_driver_sql("SELECT 1")
+        assert conn.connection.driver_connection.pgconn.transaction_status == IDLE
+
+
+def test_a_rollback_drops_what_was_deferred(engine: sa.Engine, table: str) -> None:
+    with engine.connect() as conn:
+        conn.begin()
+        pgpipe.fetch(conn, "SELECT 1", ())
+        pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (1,)))
+        conn.rollback()
+        conn.begin()
+        pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (2,)))
+        conn.commit()  # a plain commit sends what is deferred
+    assert values(engine, table) == [2]
+
+
+def test_nothing_to_commit_costs_no_round_trip(engine: sa.Engine) -> None:
+    def empty_unit() -> None:
+        with engine.connect() as conn:
+            conn.begin()
+            store.commit(conn)
+
+    assert round_trips(engine, empty_unit) == 0
