@@ -7,6 +7,7 @@ of an older generation are never acked. Other threads may only use ``call_thread
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import time
@@ -152,6 +153,31 @@ def _enable_pipelined_confirms(
     return impl
 
 
+def _coalesce_writes(connection: Any) -> bool:
+    """Send what pika has buffered with one system call, not one per frame: pika 1.x sends a
+    message's method, header and body frames, and every publish and ack, each with its own
+    ``send``, and each wakes the broker's reader. Uses pika's private plaintext transport (the
+    second private use here, checked by a test); where it differs (TLS, another pika), pika's
+    own writes stay. Whether the writes are now coalesced."""
+    transport: Any = getattr(getattr(connection, "_impl", None), "_transport", None)
+    if type(transport).__name__ != "_AsyncPlaintextTransport":
+        return False
+    buffers = getattr(transport, "_tx_buffers", None)
+    produce = getattr(transport, "_produce", None)
+    if not isinstance(buffers, collections.deque) or produce is None:
+        return False
+
+    def produce_joined() -> None:
+        if len(buffers) > 1:
+            joined = b"".join(buffers)
+            buffers.clear()
+            buffers.append(joined)
+        produce()
+
+    transport._produce = produce_joined
+    return True
+
+
 class AmqpChannel:
     """One connection + one confirm-mode channel, owned by one thread."""
 
@@ -172,6 +198,7 @@ class AmqpChannel:
         self._connection: Any = None
         self._channel: Any = None
         self._publisher: Any = None  # the async channel behind self._channel (publishes only)
+        self.coalesced_writes = False
         self._reset_state()
         self._connect(connect_attempts)
 
@@ -214,6 +241,7 @@ class AmqpChannel:
         params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_SECONDS
         params.client_properties = {"connection_name": self._connection_name}
         connection = pika.BlockingConnection(params)
+        self.coalesced_writes = _coalesce_writes(connection)
         try:
             channel = connection.channel()
             gen = self._generation

@@ -98,6 +98,23 @@ def test_pipelined_publish_consume_ack(
     assert _message_count(admin, queue) == 0
 
 
+def test_a_batch_of_publishes_leaves_in_one_send(
+    chan: AmqpChannel, queue: str, admin: pika.adapters.blocking_connection.BlockingChannel
+) -> None:
+    """pika would send each frame (three per message) with its own system call."""
+    assert chan.coalesced_writes  # the pika internals it relies on are still there
+    chan.declare_queue(queue)
+    transport = chan._connection._impl._transport
+    sent: list[int] = []
+    send = transport._sigint_safe_send
+    transport._sigint_safe_send = lambda sock, data: sent.append(len(data)) or send(sock, data)
+    for i in range(20):
+        chan.publish(queue, f"m{i}".encode())
+    chan.wait_for_confirms(timeout=10)
+    assert len(sent) == 1
+    assert _message_count(admin, queue) == 20
+
+
 def test_poll_timeout_returns_empty(chan: AmqpChannel, queue: str) -> None:
     chan.declare_queue(queue)
     chan.consume(queue)
