@@ -3,9 +3,12 @@
 On a machine whose cores are shared by the broker, the database and every service, each round
 trip wakes the server and then the client, and a participant's batch spends most of its wall
 time waiting (measured at 300/s: 8 ms to handle a batch for 3 ms of its own CPU). So the hot
-statements go through the psycopg connection under the SQLAlchemy one, in pipeline mode, and a
-batch takes about 7 round trips instead of 13. (At 500/s, where the machine is saturated by CPU,
-the gain in latency measured within the run-to-run spread; see the README's figures.)
+statements go through the psycopg connection under the SQLAlchemy one, in pipeline mode. Counted
+in libpq's trace (tests/integration/test_pgpipe.py): a log append is one round trip, and a
+participant's batch of prepares, or of commits, takes three (BEGIN with the first query, the
+operation's handler, the writes with the COMMIT); it took five before the explicit transactions
+below, and about thirteen before this module. (The gain in latency measured within the
+run-to-run spread, unloaded and at 500/s; see the README's figures.)
 
 Explicit transactions. psycopg begins a transaction by itself, with a round trip of its own
 (in pipeline mode it syncs after the BEGIN, to learn the new status), and a commit inside a
@@ -30,12 +33,18 @@ is not allowed in a pipeline. Everything here is for the ``postgresql`` dialect 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
+import re
+import select
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
 
 __all__ = [
     "commit",
@@ -123,12 +132,8 @@ def fetch(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[tuple[An
     begun on the server yet, its BEGIN travels in the same round trip."""
     with _as_sqlalchemy_errors(conn, sql):
         driver = _driver(conn)
-        begin = _opens_transaction(driver)
-        with driver.pipeline():
-            if begin:
-                driver.execute("BEGIN")
-            cursor = driver.execute(sql, params)
-        return list(cursor.fetchall())
+        begin = driver.pgconn.transaction_status == _IDLE
+        return _pipeline(driver, [(sql, params)], begin=begin, commit=False)
 
 
 def defer(conn: sa.Connection, statement: Statement) -> None:
@@ -156,18 +161,154 @@ def _send(conn: sa.Connection, statements: Sequence[Statement], *, commit: bool)
     described = "; ".join([sql for sql, _ in statements] + (["COMMIT"] if commit else []))
     with _as_sqlalchemy_errors(conn, described):
         driver = _driver(conn)
-        begin = _opens_transaction(driver)
+        begin = driver.pgconn.transaction_status == _IDLE
         if begin and not statements:
             return  # nothing happened on the server: nothing to commit
-        with driver.pipeline():
-            if begin:
-                driver.execute("BEGIN")
-            for sql, params in statements:
-                driver.execute(sql, params)
-            if commit and driver.autocommit:
-                driver.execute("COMMIT")  # in the pipeline's one sync, not a sync of its own
-            elif commit:
-                driver.commit()
+        _pipeline(driver, statements, begin=begin, commit=commit)
+
+
+# ---- libpq pipelines ------------------------------------------------------------------------
+#
+# psycopg's own pipeline sends each statement, the Sync and a Flush with a system call each (and
+# polls before each); every send can wake the server for a part of the batch. On a virtual
+# machine a wake-up is costly (an inter-processor interrupt through the hypervisor), so these
+# pipelines go through libpq directly (psycopg.pq, psycopg's documented libpq wrapper): the
+# statements are buffered, sent with one write, and answered with one read. Statements are
+# prepared on the server on first use, per connection, as psycopg does after a few executions.
+
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+
+class _Prepared:
+    """The statements prepared on one server connection, by text and parameter types."""
+
+    def __init__(self) -> None:
+        self.names: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self.numbers = itertools.count()
+
+
+_prepared: weakref.WeakKeyDictionary[Any, _Prepared] = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _numbered(sql: str) -> tuple[bytes, tuple[PyFormat, ...]]:
+    """``%s`` / ``%b`` placeholders as ``$1, $2...`` and the format each asks for."""
+    formats: list[PyFormat] = []
+
+    def number(match: re.Match[str]) -> str:
+        formats.append(PyFormat.BINARY if match.group(0) == "%b" else PyFormat.AUTO)
+        return f"${len(formats)}"
+
+    return re.sub(r"%[sb]", number, sql).encode(), tuple(formats)
+
+
+def _pipeline(
+    driver: Any, statements: Sequence[Statement], *, begin: bool, commit: bool
+) -> list[tuple[Any, ...]]:
+    """Send BEGIN (if ``begin``), ``statements`` and COMMIT (if ``commit``) in one write and
+    read their results in one round trip; the rows of the last statement. The first error the
+    server reports is raised (the later statements did not run), after the pipeline ended."""
+    pgconn = driver.pgconn
+    prepared = _prepared.setdefault(driver, _Prepared())
+    preparing: dict[int, tuple[str, tuple[int, ...]]] = {}  # result index -> statement key
+    commands = 0
+    with driver.lock:
+        transformer = Transformer.from_context(driver)
+        pgconn.enter_pipeline_mode()
+        try:
+            try:
+                if begin:
+                    pgconn.send_query_params(b"BEGIN", None)
+                    commands += 1
+                for sql, params in statements:
+                    commands += _send_statement(
+                        pgconn, prepared, transformer, sql, params, preparing, commands
+                    )
+                if commit:
+                    pgconn.send_query_params(b"COMMIT", None)
+            finally:  # also after a parameter that cannot be sent: what was queued runs
+                pgconn.pipeline_sync()
+                _flush(pgconn)
+                results = _results(pgconn)
+        finally:
+            if pgconn.status == pq.ConnStatus.OK:
+                pgconn.exit_pipeline_mode()
+    for index, key in preparing.items():  # a failed PREPARE is tried again next time
+        if index >= len(results) or results[index].status != pq.ExecStatus.COMMAND_OK:
+            del prepared.names[key]
+    rows: list[tuple[Any, ...]] = []
+    for result in results:
+        if result.status not in _OK:
+            raise _error(result)
+        if result.status == pq.ExecStatus.TUPLES_OK:
+            transformer.set_pgresult(result)
+            rows = transformer.load_rows(0, result.ntuples, tuple)
+    return rows
+
+
+def _send_statement(
+    pgconn: Any,
+    prepared: _Prepared,
+    transformer: Any,
+    sql: str,
+    params: Sequence[Any],
+    preparing: dict[int, tuple[str, tuple[int, ...]]],
+    sent: int,
+) -> int:
+    """Queue one statement (prepared on first use); how many commands that took."""
+    query, formats = _numbered(sql)
+    values = transformer.dump_sequence(params, formats)
+    key = (sql, tuple(transformer.types))
+    name = prepared.names.get(key)
+    commands = 1
+    if name is None:
+        name = prepared.names[key] = f"_twophase_{next(prepared.numbers)}".encode()
+        pgconn.send_prepare(name, query, param_types=key[1])
+        preparing[sent] = key
+        commands = 2
+    pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
+    return commands
+
+
+def _wait(pgconn: Any, events: int) -> None:
+    poller = select.poll()
+    poller.register(pgconn.socket, events)
+    poller.poll()
+
+
+def _flush(pgconn: Any) -> None:
+    while pgconn.flush() == 1:  # the socket's buffer is full: wait, reading meanwhile
+        _wait(pgconn, select.POLLIN | select.POLLOUT)
+        pgconn.consume_input()
+
+
+def _results(pgconn: Any) -> list[Any]:
+    """Every result up to the pipeline's sync (a statement's results end with a NULL)."""
+    results: list[Any] = []
+    while True:
+        while pgconn.is_busy():
+            _wait(pgconn, select.POLLIN)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            continue
+        if result.status == _PIPELINE_SYNC:
+            return results
+        results.append(result)
+
+
+def _error(result: Any) -> psycopg.Error:
+    """The psycopg error a failed (or skipped) statement stands for."""
+    if result.status == pq.ExecStatus.PIPELINE_ABORTED:
+        return psycopg.errors.PipelineAborted("pipeline aborted")
+    sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+    message = (result.error_message or b"").decode(errors="replace").strip()
+    try:
+        kind = psycopg.errors.lookup(sqlstate)
+    except KeyError:
+        kind = psycopg.DatabaseError
+    return kind(message)
 
 
 def _listen(engine: sa.Engine) -> None:

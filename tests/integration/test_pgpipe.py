@@ -144,3 +144,42 @@ def test_nothing_to_commit_costs_no_round_trip(engine: sa.Engine) -> None:
             store.commit(conn)
 
     assert round_trips(engine, empty_unit) == 0
+
+
+def test_a_failed_statement_or_parameter_leaves_the_connection_usable(
+    engine: sa.Engine, table: str
+) -> None:
+    with engine.connect() as conn:
+        conn.begin()
+        pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (1,)))
+        pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", ("not a number",)))
+        with pytest.raises(sa.exc.DBAPIError, match="invalid input syntax"):
+            store.commit(conn)
+        conn.rollback()
+        conn.begin()
+        with pytest.raises(sa.exc.DBAPIError, match="cannot adapt"):
+            pgpipe.fetch(conn, f"SELECT count(*) FROM {table} WHERE x = %s", (object(),))
+        conn.rollback()
+        conn.begin()
+        assert pgpipe.fetch(conn, f"SELECT count(*) FROM {table}", ()) == [(0,)]
+        pgpipe.defer(conn, (f"INSERT INTO {table} VALUES (%s)", (7,)))
+        store.commit(conn)
+    assert values(engine, table) == [7]
+
+
+def test_a_statement_that_fails_to_prepare_is_prepared_again(engine: sa.Engine) -> None:
+    missing = f"test_pgpipe_later_{uuid.uuid4().hex[:10]}"
+    with engine.connect() as conn:
+        conn.begin()
+        with pytest.raises(sa.exc.DBAPIError, match="does not exist"):
+            pgpipe.fetch(conn, f"SELECT count(*) FROM {missing}", ())
+        conn.rollback()
+        conn.exec_driver_sql(f"CREATE TABLE {missing} (x int)")
+        conn.commit()
+        try:
+            conn.begin()
+            assert pgpipe.fetch(conn, f"SELECT count(*) FROM {missing}", ()) == [(0,)]
+            conn.rollback()
+        finally:
+            conn.exec_driver_sql(f"DROP TABLE {missing}")
+            conn.commit()
