@@ -28,7 +28,7 @@ from typing import Any
 from coordinator.client import Client
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
-from twophase import bank, config, selfstats
+from twophase import bank, bench_machine, config, selfstats
 from twophase.bench_baselines import broker_ceiling, naive_two_phase_commit
 from twophase.bench_report import percentile, plot_sweep, print_table
 from twophase.processes import ServiceGroup
@@ -185,7 +185,9 @@ def measure(load: Load, args: argparse.Namespace, stats: StatsFiles, rate: float
         load.window = Window()
         load.measuring = True
     window_start = time.perf_counter()
+    machine_before = bench_machine.snapshot()
     drive(window_start + args.duration)
+    machine_after = bench_machine.snapshot()
     with load.lock:
         load.measuring = False
         window = load.window
@@ -196,7 +198,10 @@ def measure(load: Load, args: argparse.Namespace, stats: StatsFiles, rate: float
         load.client.protocol_messages_sent - client_before[1],
     )
     load.drain()
-    return summarize(window, before, after, client_messages, rate)
+    result = summarize(window, before, after, client_messages, rate)
+    done = window.committed + window.aborted
+    result["machine"] = bench_machine.summarize(machine_before, machine_after, done)
+    return result
 
 
 def summarize(

@@ -52,6 +52,8 @@ def print_table(result: dict[str, Any], out: IO[str]) -> None:
                 f"{name}: turns/tx; ms per turn: " + " ".join(steps),
                 f"{figures['batches_per_tx']}; " + " ".join(f"{v:.2f}" for v in steps.values()),
             )
+    for key, value in result.get("machine", {}).items():
+        table.add_row(f"machine: {key}", str(value))
     for key, value in result.get("baselines", {}).items():
         table.add_row(f"baseline: {key}", str(value))
     console.print(table)

@@ -69,6 +69,11 @@ def test_a_short_run_reports_its_figures(amqp_url: str, pg_url: str) -> None:
         figures = result["processes"][name]
         assert figures["cpu_ms_per_tx"] > 0
         assert set(figures["turn_ms_per_batch"]) == {"handle", "flush", "publish", "ack"}
+    machine = result["machine"]  # Linux: the cores, and the local broker and database
+    assert 0 < machine["cpu_busy_percent"] <= 100
+    assert machine["cpu_ms_per_tx"] > 0
+    assert machine["rabbitmq_cpu_ms_per_tx"] > 0
+    assert machine["postgresql_cpu_ms_per_tx"] > 0
 
 
 def test_sigterm_stops_the_services_it_started(amqp_url: str, pg_url: str) -> None:
