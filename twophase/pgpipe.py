@@ -1,9 +1,10 @@
-"""Fewer round trips to PostgreSQL: psycopg pipelines under SQLAlchemy connections.
+"""Fewer round trips to PostgreSQL: libpq pipelines under SQLAlchemy connections.
 
 On a machine whose cores are shared by the broker, the database and every service, each round
 trip wakes the server and then the client, and a participant's batch spends most of its wall
 time waiting (measured at 300/s: 8 ms to handle a batch for 3 ms of its own CPU). So the hot
-statements go through the psycopg connection under the SQLAlchemy one, in pipeline mode. Counted
+statements go through the connection under the SQLAlchemy one, as libpq pipelines (see
+"libpq pipelines" below). Counted
 in libpq's trace (tests/integration/test_pgpipe.py): a log append is one round trip, and a
 participant's batch of prepares, or of commits, takes three (BEGIN with the first query, the
 operation's handler, the writes with the COMMIT); it took five before the explicit transactions
@@ -11,7 +12,7 @@ below, and about thirteen before this module. (The gain in latency measured with
 run-to-run spread, unloaded and at 500/s; see the README's figures.)
 
 Explicit transactions. psycopg begins a transaction by itself, with a round trip of its own
-(in pipeline mode it syncs after the BEGIN, to learn the new status), and a commit inside a
+(in pipeline mode it syncs after the BEGIN, to learn the new status), and its commit inside a
 pipeline syncs once more before the pipeline's own closing sync. So the engines made here run
 psycopg in autocommit and the transaction is ours: its BEGIN travels with its first statement
 and its COMMIT with its last writes. A guard keeps SQLAlchemy's meaning: a statement run while
