@@ -16,24 +16,17 @@ import pytest
 import sqlalchemy as sa
 
 from twophase import pgpipe, store
-from twophase.store import ConfigurationError, LogRow, RecordLog, check_connection, make_engine
+from twophase.store import LogRow, RecordLog, make_engine
 
 pytestmark = pytest.mark.integration
 
-PG_URL = os.environ.get("TWOPHASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 @pytest.fixture
-def engine() -> Iterator[sa.Engine]:
-    eng = make_engine(PG_URL)
-    try:
-        check_connection(eng)
-    except ConfigurationError as exc:
-        eng.dispose()
-        if os.environ.get("CI"):
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+def engine(pg_url: str) -> Iterator[sa.Engine]:
+    """An engine of the logs on a database of its own (tests/conftest.py)."""
+    eng = make_engine(pg_url)
     yield eng
     eng.dispose()
 
