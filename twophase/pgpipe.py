@@ -175,7 +175,8 @@ def _send(conn: sa.Connection, statements: Sequence[Statement], *, commit: bool)
 # machine a wake-up is costly (an inter-processor interrupt through the hypervisor), so these
 # pipelines go through libpq directly (psycopg.pq, psycopg's documented libpq wrapper): the
 # statements are buffered, sent with one write, and answered with one read. Statements are
-# prepared on the server on first use, per connection, as psycopg does after a few executions.
+# prepared on the server on first use, per connection, as psycopg does after a few executions,
+# unless the connection's ``prepare_threshold`` is None (psycopg's switch for PgBouncer).
 
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
@@ -222,10 +223,14 @@ def _pipeline(
                 if begin:
                     pgconn.send_query_params(b"BEGIN", None)
                     commands += 1
+                prepare = driver.prepare_threshold is not None
                 for sql, params in statements:
-                    commands += _send_statement(
-                        pgconn, prepared, transformer, sql, params, preparing, commands
-                    )
+                    if prepare:
+                        commands += _send_prepared(
+                            pgconn, prepared, transformer, sql, params, preparing, commands
+                        )
+                    else:
+                        _send_unprepared(pgconn, transformer, sql, params)
                 if commit:
                     pgconn.send_query_params(b"COMMIT", None)
             finally:  # also after a parameter that cannot be sent: what was queued runs
@@ -248,7 +253,17 @@ def _pipeline(
     return rows
 
 
-def _send_statement(
+def _send_unprepared(pgconn: Any, transformer: Any, sql: str, params: Sequence[Any]) -> None:
+    """For a connection that must not prepare (``prepare_threshold=None``, as behind a
+    transaction-pooling PgBouncer), as psycopg would."""
+    query, formats = _numbered(sql)
+    values = transformer.dump_sequence(params, formats)
+    pgconn.send_query_params(
+        query, values, param_types=transformer.types, param_formats=transformer.formats
+    )
+
+
+def _send_prepared(
     pgconn: Any,
     prepared: _Prepared,
     transformer: Any,

@@ -176,3 +176,25 @@ def test_a_statement_that_fails_to_prepare_is_prepared_again(engine: sa.Engine) 
         finally:
             conn.exec_driver_sql(f"DROP TABLE {missing}")
             conn.commit()
+
+
+def test_a_connection_that_must_not_prepare_is_not_made_to(pg_url: str) -> None:
+    """``prepare_threshold=None`` is psycopg's switch for servers behind a pooler that forbids
+    named prepared statements; pgpipe follows it."""
+    url = sa.make_url(store.database_url(pg_url))
+    for threshold, named in ((None, False), (5, True)):
+        eng = pgpipe.create_engine(url, connect_args={"prepare_threshold": threshold})
+        fd, path = tempfile.mkstemp()
+        try:
+            with eng.connect() as conn:
+                conn.connection.driver_connection.pgconn.trace(fd)
+                conn.begin()
+                assert pgpipe.fetch(conn, "SELECT %s::int + 1", (1,)) == [(2,)]
+                conn.rollback()
+                conn.connection.driver_connection.pgconn.untrace()
+            with open(path) as trace:
+                assert ('Parse\t "_twophase_' in trace.read()) is named
+        finally:
+            os.close(fd)
+            os.unlink(path)
+            eng.dispose()
