@@ -204,8 +204,12 @@ class Client:
         if self._closing.is_set():
             raise RuntimeError("the client is closed")
         with self._lock:
+            # Messages already waiting mean a wake-up is on its way (each waiting message woke
+            # the loop, or the loop queued it itself and sends it this turn): this one rides along.
+            first = not self._outgoing
             self._outgoing.append((queue, message, traceparent))
-        self._wake()
+        if first:
+            self._wake()
 
     def _wake(self) -> None:
         channel = self._channel

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,3 +317,30 @@ def test_reservation_banks_with_their_logs_in_their_postgresql_database(
     finally:
         for app in apps:
             app.stop()
+
+
+def test_a_burst_of_submits_wakes_the_client_once(amqp_url: str) -> None:
+    """Submits that find Begins already waiting ride along with them: one wake-up of the I/O
+    thread and one envelope for the burst, not one of each per submit."""
+    with Client(amqp_url) as client:
+        wakes: list[None] = []
+        wake = client._wake
+        client._wake = lambda: (wakes.append(None), wake())[-1]  # type: ignore[method-assign]
+        held, holding = threading.Event(), threading.Event()
+
+        def hold() -> None:  # runs on the I/O thread: it cannot take the queue meanwhile
+            holding.set()
+            held.wait(10)
+
+        assert client._channel is not None
+        client._channel.call_threadsafe(hold)
+        assert holding.wait(10)
+        futures = [client.submit_future([("bank-a", "debit", {"n": i})]) for i in range(50)]
+        held.set()
+        deadline = time.monotonic() + 10
+        while client.protocol_messages_sent < 50 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.protocol_messages_sent == 50
+        assert client.messages_sent == 1  # one envelope
+        assert len(wakes) == 1
+        assert not any(f.done() for f in futures)  # no coordinator: still pending
