@@ -56,6 +56,7 @@ __all__ = [
     "flush",
     "insert_rows",
     "is_postgres",
+    "read",
 ]
 
 #: Connection.info key of the deferred writes: [(sql, params), ...]
@@ -135,6 +136,13 @@ def fetch(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[tuple[An
         driver = _driver(conn)
         begin = driver.pgconn.transaction_status == _IDLE
         return _pipeline(driver, [(sql, params)], begin=begin, commit=False)
+
+
+def read(conn: sa.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one query on its own, outside any transaction (a connection of these engines is in
+    autocommit), and return its rows: one round trip, none of SQLAlchemy's work per query."""
+    with _as_sqlalchemy_errors(conn, sql):
+        return _pipeline(_driver(conn), [(sql, params)], begin=False, commit=False)
 
 
 def defer(conn: sa.Connection, statement: Statement) -> None:
