@@ -485,7 +485,12 @@ class AmqpChannel:
                 return
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge deliveries of the current generation; older ones are skipped."""
+        """Acknowledge deliveries of the current generation; older ones are skipped.
+
+        The acks are only buffered (on the async channel, as publishes are) and leave with the
+        next poll or wait, which follows at once in a driver's loop: the blocking channel would
+        run pika's I/O loop once more per batch just to send them. An ack lost with the
+        connection means a redelivery, which every handler tolerates."""
         current = [d.delivery_tag for d in deliveries if d.generation == self._generation]
         tags = self._unacked.intersection(current)
         if not tags:
@@ -493,10 +498,10 @@ class AmqpChannel:
         highest = max(tags)
         with self._io():
             if sum(1 for t in self._unacked if t <= highest) == len(tags):
-                self._channel.basic_ack(delivery_tag=highest, multiple=True)
+                self._publisher.basic_ack(delivery_tag=highest, multiple=True)
             else:
                 for tag in sorted(tags):
-                    self._channel.basic_ack(delivery_tag=tag, multiple=False)
+                    self._publisher.basic_ack(delivery_tag=tag, multiple=False)
         self._unacked -= tags
 
     def dead_letter(self, delivery: Delivery, reason: str, timeout: float = 30.0) -> None:
