@@ -16,14 +16,13 @@ Choices made here (the architecture leaves them open):
   failure into a one-line :class:`ConfigurationError`.
 * :class:`RecordLog` writes each batch in one transaction (group commit). On PostgreSQL the
   batch is one ``INSERT ... SELECT FROM unnest(...)`` sent with its BEGIN and COMMIT in one
-  round trip (:mod:`twophase.pgpipe`), and reads run in autocommit (one round trip each).
+  round trip (:mod:`twophase.pgpipe`), and the look-up by ``tx_id`` is one query in autocommit.
   ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
   write is a plain INSERT or DELETE, so SQLite writers never upgrade a read lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -124,16 +123,6 @@ def commit(conn: sa.Connection) -> None:
         pgpipe.commit(conn)
     else:
         conn.commit()
-
-
-@contextlib.contextmanager
-def reading(engine: Engine) -> Iterator[sa.Connection]:
-    """A connection for reads of an append-only log: on PostgreSQL in autocommit, so a read is
-    one round trip, not three (BEGIN, the query, the ROLLBACK when the pool takes it back)."""
-    with engine.connect() as conn:
-        if pgpipe.is_postgres(conn):
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        yield conn
 
 
 class ConfigurationError(Exception):
@@ -327,18 +316,15 @@ class RecordLog:
         pgpipe.defer(conn, statement)
 
     @staticmethod
-    def _row(record: Any) -> LogRow:
-        return LogRow(
-            tx_id=record.tx_id,
-            kind=record.kind,
-            body=bytes(record.body),
-            seq=int(record.seq),
-            written_at=float(record.written_at),
-        )
+    def _row(record: Sequence[Any]) -> LogRow:
+        """A row of the table's columns, in their order (``select(table)``, or the same list)."""
+        seq, tx_id, kind, body, written_at = record
+        return LogRow(tx_id, kind, bytes(body), int(seq), float(written_at))
 
     def _grouped(self, records: Iterable[Any], into: dict[str, list[LogRow]]) -> None:
         for record in records:
-            into.setdefault(record.tx_id, []).append(self._row(record))
+            row = self._row(record)
+            into.setdefault(row.tx_id, []).append(row)
 
     def _rows_for(self, conn: sa.Connection) -> sa.Select[Any]:
         if self._rows_for_query is None:
@@ -351,24 +337,22 @@ class RecordLog:
         """Rows of the given tx ids, each list ordered by seq; ids without rows are absent.
 
         The coordinator reads this for every new ``tx_id`` (is it a resubmission?): on
-        PostgreSQL the query skips SQLAlchemy and goes out as a libpq pipeline of its own."""
+        PostgreSQL the query skips SQLAlchemy and goes out as a libpq query of its own."""
         found: dict[str, list[LogRow]] = {}
-        if self.engine.dialect.name == "postgresql":
-            with self.engine.connect() as conn:
-                table = conn.dialect.identifier_preparer.format_table(self.table)
-                sql = (
-                    f"SELECT tx_id, kind, body, seq, written_at FROM {table}"
-                    " WHERE tx_id = ANY(%s) ORDER BY seq"
-                )
-                for chunk in _chunks(_unique(tx_ids)):
-                    for row in pgpipe.read(conn, sql, (list(chunk),)):
-                        into = found.setdefault(row[0], [])
-                        into.append(LogRow(row[0], row[1], bytes(row[2]), int(row[3]), row[4]))
-            return found
-        with reading(self.engine) as conn:
+        with self.engine.connect() as conn:
             for chunk in _chunks(_unique(tx_ids)):
-                self._grouped(conn.execute(self._rows_for(conn), {"ids": list(chunk)}), found)
+                self._grouped(self._rows_of(conn, list(chunk)), found)
         return found
+
+    def _rows_of(self, conn: sa.Connection, tx_ids: list[str]) -> Iterable[Sequence[Any]]:
+        if not pgpipe.is_postgres(conn):
+            return conn.execute(self._rows_for(conn), {"ids": tx_ids})
+        table = conn.dialect.identifier_preparer.format_table(self.table)
+        sql = (
+            f"SELECT seq, tx_id, kind, body, written_at FROM {table}"
+            " WHERE tx_id = ANY(%s) ORDER BY seq"
+        )
+        return pgpipe.read(conn, sql, (tx_ids,))
 
     def unfinished(self, finished_kinds: Collection[str]) -> dict[str, list[LogRow]]:
         """All rows of every tx id that has no row whose kind is in ``finished_kinds``.

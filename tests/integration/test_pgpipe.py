@@ -113,7 +113,8 @@ def test_sqlalchemy_transactions_stay_atomic(engine: sa.Engine, table: str) -> N
 
 
 def test_reads_marked_autocommit_open_no_transaction(engine: sa.Engine) -> None:
-    with store.reading(engine) as conn:
+    with engine.connect() as plain:
+        conn = plain.execution_options(isolation_level="AUTOCOMMIT")
         conn.exec_driver_sql("SELECT 1")
         assert conn.connection.driver_connection.pgconn.transaction_status == IDLE
 
