@@ -220,9 +220,10 @@ def _pipeline(
     read their results in one round trip; the rows of the last statement. The first error the
     server reports is raised (the later statements did not run), after the pipeline ended."""
     pgconn = driver.pgconn
-    prepared = _prepared.setdefault(driver, _Prepared())
-    preparing: dict[int, tuple[str, tuple[int, ...]]] = {}  # result index -> statement key
-    commands = 0
+    prepared = None
+    if driver.prepare_threshold is not None:
+        prepared = _prepared.setdefault(driver, _Prepared())
+    new_keys: list[tuple[str, tuple[int, ...]]] = []
     with driver.lock:
         transformer = Transformer.from_context(driver)
         pgconn.enter_pipeline_mode()
@@ -230,69 +231,59 @@ def _pipeline(
             try:
                 if begin:
                     pgconn.send_query_params(b"BEGIN", None)
-                    commands += 1
-                prepare = driver.prepare_threshold is not None
                 for sql, params in statements:
-                    if prepare:
-                        commands += _send_prepared(
-                            pgconn, prepared, transformer, sql, params, preparing, commands
-                        )
-                    else:
-                        _send_unprepared(pgconn, transformer, sql, params)
+                    _queue(pgconn, prepared, transformer, sql, params, new_keys)
                 if commit:
                     pgconn.send_query_params(b"COMMIT", None)
             finally:  # also after a parameter that cannot be sent: what was queued runs
                 pgconn.pipeline_sync()
                 _flush(pgconn)
                 results = _results(pgconn)
+                failed = next((r for r in results if r.status not in _OK), None)
+                if failed is not None and prepared is not None:
+                    # what this pipeline prepared is prepared again, under new names: any of
+                    # it may have failed, or been skipped after the failure
+                    for key in new_keys:
+                        del prepared.names[key]
         finally:
             if pgconn.status == pq.ConnStatus.OK:
                 pgconn.exit_pipeline_mode()
-    for index, key in preparing.items():  # a failed PREPARE is tried again next time
-        if index >= len(results) or results[index].status != pq.ExecStatus.COMMAND_OK:
-            del prepared.names[key]
+    if failed is not None:
+        raise _error(failed)
     rows: list[tuple[Any, ...]] = []
     for result in results:
-        if result.status not in _OK:
-            raise _error(result)
         if result.status == pq.ExecStatus.TUPLES_OK:
             transformer.set_pgresult(result)
             rows = transformer.load_rows(0, result.ntuples, tuple)
     return rows
 
 
-def _send_unprepared(pgconn: Any, transformer: Any, sql: str, params: Sequence[Any]) -> None:
-    """For a connection that must not prepare (``prepare_threshold=None``, as behind a
-    transaction-pooling PgBouncer), as psycopg would."""
-    query, formats = _numbered(sql)
-    values = transformer.dump_sequence(params, formats)
-    pgconn.send_query_params(
-        query, values, param_types=transformer.types, param_formats=transformer.formats
-    )
-
-
-def _send_prepared(
+def _queue(
     pgconn: Any,
-    prepared: _Prepared,
+    prepared: _Prepared | None,
     transformer: Any,
     sql: str,
     params: Sequence[Any],
-    preparing: dict[int, tuple[str, tuple[int, ...]]],
-    sent: int,
-) -> int:
-    """Queue one statement (prepared on first use); how many commands that took."""
+    new_keys: list[tuple[str, tuple[int, ...]]],
+) -> None:
+    """Queue one statement: prepared on first use (its key then joins ``new_keys``), or
+    unprepared where the connection must not prepare (``prepare_threshold=None``, as behind a
+    transaction-pooling PgBouncer), as psycopg would."""
     query, formats = _numbered(sql)
     values = transformer.dump_sequence(params, formats)
-    key = (sql, tuple(transformer.types))
+    types = tuple(transformer.types)
+    if prepared is None:
+        pgconn.send_query_params(
+            query, values, param_types=types, param_formats=transformer.formats
+        )
+        return
+    key = (sql, types)
     name = prepared.names.get(key)
-    commands = 1
     if name is None:
         name = prepared.names[key] = f"_twophase_{next(prepared.numbers)}".encode()
-        pgconn.send_prepare(name, query, param_types=key[1])
-        preparing[sent] = key
-        commands = 2
+        pgconn.send_prepare(name, query, param_types=types)
+        new_keys.append(key)
     pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
-    return commands
 
 
 def _wait(pgconn: Any, events: int) -> None:
