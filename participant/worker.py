@@ -25,8 +25,10 @@ from prometheus_client import CollectorRegistry
 from participant.core import (
     AbortBranch,
     BranchExecuted,
+    BranchHistory,
     CommitBranch,
     ExecuteBranch,
+    LookUpBranch,
     ParticipantCore,
     ParticipantSettings,
     Recovered,
@@ -202,6 +204,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self._unit: Any = None
         self._to_prepare: list[ExecuteBranch] = []
         self._to_finish: list[CommitBranch | AbortBranch] = []
+        self._lookups: list[str] = []
         self.last_progress = time.monotonic()
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
@@ -297,6 +300,9 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         if isinstance(effect, CommitBranch | AbortBranch):
             self._to_finish.append(effect)
             return ()
+        if isinstance(effect, LookUpBranch):
+            self._lookups.append(effect.tx_id)
+            return ()
         return super().perform(effect, now)
 
     def settle(self, now: int) -> Iterable[Any]:
@@ -305,6 +311,22 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         Runs before the batch's log records are flushed and its messages published, so a
         branch is durable in the resource before its PREPARED/COMPLETED record, its vote or ACK.
         """
+        self._finish_branches()
+        return [*self._look_up(), *self._prepare_branches()]
+
+    def _look_up(self) -> list[BranchHistory]:
+        """One-phase questions about branches not in memory: the log and the resource answer."""
+        if not self._lookups:
+            return []
+        tx_ids, self._lookups = self._lookups, []
+        found = self.prepare_log.history(tx_ids)
+        committed = self.resource.committed(tx_ids)
+        return [
+            BranchHistory(tx, found.get(tx, []) + self.pending_records(tx), tx in committed)
+            for tx in tx_ids
+        ]
+
+    def _finish_branches(self) -> None:
         if self._to_finish:
             finishing, self._to_finish = self._to_finish, []
             items = [self._finish_item(e) for e in finishing]
@@ -314,8 +336,10 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 else:
                     self.resource.finish_many(items)
             crashpoint("participant.after_commit")
+
+    def _prepare_branches(self) -> list[BranchExecuted]:
         if not self._to_prepare:
-            return ()
+            return []
         preparing, self._to_prepare = self._to_prepare, []
         results: list[BranchExecuted] = []
         known: list[tuple[ExecuteBranch, OperationSpec]] = []
@@ -338,9 +362,21 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         else:
             refusals = self.resource.prepare_many(branches)
         crashpoint("participant.after_prepare")
+        at_once = [
+            (effect.tx_id, spec, effect.args, True)
+            for (effect, spec), refusal in zip(known, refusals, strict=True)
+            if refusal is None and effect.one_phase
+        ]
+        if at_once:
+            # One phase: committed in the resource before the COMMITTED record and vote (with a
+            # shared database, in the very same local transaction as that record).
+            if self.shared is not None:
+                self.shared.finish_many_in(self._open_unit(), at_once)
+            else:
+                self.resource.finish_many(at_once)
         for (effect, _spec), refusal in zip(known, refusals, strict=True):
             if refusal is None:
-                results.append(BranchExecuted(effect.tx_id, ok=True))
+                results.append(BranchExecuted(effect.tx_id, ok=True, committed=effect.one_phase))
             else:
                 results.append(BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason))
         return results

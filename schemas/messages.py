@@ -18,6 +18,9 @@ class VoteKind(enum.Enum):
     YES = "yes"
     NO = "no"
     READ_ONLY = "read_only"
+    #: a one-phase branch is already committed in the participant's resource (the only vote
+    #: that is also an outcome; see ``Prepare.one_phase``)
+    COMMITTED = "committed"
 
 
 class OutcomeKind(enum.Enum):
@@ -59,6 +62,9 @@ class Prepare(_Message, frozen=True, tag="prepare"):
     args: dict[str, Any]
     deadline_ms: int
     participants: tuple[str, ...]
+    #: the transaction's only branch: the participant may commit at once and vote COMMITTED
+    #: instead of YES (it may also decline, prepare and vote YES as usual)
+    one_phase: bool = False
 
 
 class Vote(_Message, frozen=True, tag="vote"):
@@ -77,6 +83,10 @@ class Abort(_Message, frozen=True, tag="abort"):
     tx_id: str
     participant: str
     reason: str = ""
+    #: a question, not an order: abort the one-phase branch unless it committed, and answer
+    #: with a Vote, NO (nothing is or will be committed) or COMMITTED. One-phase cannot presume
+    #: abort: the branch may have committed without the coordinator hearing of it.
+    one_phase: bool = False
 
 
 class Ack(_Message, frozen=True, tag="ack"):

@@ -45,6 +45,8 @@ class TxBegun(_Record, frozen=True, tag="begun"):
     deadline_ms: int
     reply_to: str
     traceparent: str = ""
+    #: the Prepare let the only participant commit at once: recovery must ask it, not presume
+    one_phase: bool = False
 
 
 class TxCommitting(_Record, frozen=True, tag="committing"):

@@ -1,11 +1,11 @@
 """The coordinator's pure protocol core: no I/O, no clock; imports ``schemas`` only."""
 
+from coordinator.core.admission import CoordinatorSettings
 from coordinator.core.events import Event, HistoryLoaded, LookUp, Recovered, Unroutable
 from coordinator.core.machine import (
     EVENT_KINDS,
     TRANSITIONS,
     CoordinatorCore,
-    CoordinatorSettings,
     Effect,
     Transaction,
     TxState,

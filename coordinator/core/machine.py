@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from coordinator.core.admission import CoordinatorSettings, Liveness, refusal
 from coordinator.core.events import Event, HistoryLoaded, LookUp, Recovered, Unroutable
 from schemas import topology
 from schemas.effects import (
@@ -56,16 +57,9 @@ class TxState(enum.Enum):
     VOTING = "voting"
     #: COMMIT is durable; waiting for every YES voter's ACK
     COMMITTING = "committing"
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    liveness_timeout_ms: int = 3_000
-    resend_initial_ms: int = 500
-    resend_max_ms: int = 30_000
-    min_timeout_ms: int = 10
-    max_timeout_ms: int = 600_000
-    max_branches: int = 64
+    #: a one-phase vote did not come: Abort(one_phase) is re-sent until the participant says
+    #: whether its branch committed (COMMITTED) or never will (NO); nothing is presumed
+    RESOLVING = "resolving"
 
 
 @dataclass
@@ -82,12 +76,11 @@ class Transaction:
     resend_delay_ms: int = 0
     #: participants that asked (a late YES vote, an inquiry) while the log is read
     askers: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Liveness:
-    last_seen_ms: int
-    interval_ms: int
+    one_phase: bool = False
+    deadline_ms: int = 0
+    #: RESOLVING: why the coordinator gave up waiting, and on whom (the outcome if it was NO)
+    abort_reason: str = ""
+    at_fault: str | None = None
 
 
 Handler = Callable[["CoordinatorCore", Transaction, Event, int], list[Effect]]
@@ -195,7 +188,12 @@ class CoordinatorCore:
             unknown = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.UNKNOWN)
             effects = [Send(q, unknown) for q in tx.status_reply_to]
             return effects + self._answer_askers(tx, committed=False)
-        if any(isinstance(r, TxBegun) for r in event.records):
+        begun = next((r for r in event.records if isinstance(r, TxBegun)), None)
+        if begun is not None and begun.one_phase:
+            self._restore(tx, begun)
+            reason = "the coordinator restarted before the one-phase vote arrived"
+            return self._resolve(tx, reason, None, now_ms)
+        if begun is not None:
             # Started by an earlier incarnation that crashed before deciding; recovery normally
             # aborts these, so reaching here means the log was read before recovery finished.
             aborted = self._abort(tx, "the coordinator restarted before deciding", None)
@@ -205,13 +203,14 @@ class CoordinatorCore:
     def _start(self, tx: Transaction, now_ms: int) -> list[Effect]:
         begin = tx.begin
         assert begin is not None
-        refusal = self._refusal(begin, now_ms)
+        refused = refusal(self.settings, self.liveness, self.started_ms, begin, now_ms)
         tx.participants = tuple(b.participant for b in begin.branches)
-        if refusal is not None:
-            reason, at_fault = refusal
+        if refused is not None:
+            reason, at_fault = refused
             return self._abort(tx, reason, at_fault, send_aborts=False)
-        deadline_ms = now_ms + begin.timeout_ms
+        deadline_ms = tx.deadline_ms = now_ms + begin.timeout_ms
         tx.state = TxState.VOTING
+        tx.one_phase = self.settings.one_phase and len(begin.branches) == 1
         effects: list[Effect] = [
             Persist(
                 TxBegun(
@@ -220,8 +219,11 @@ class CoordinatorCore:
                     deadline_ms=deadline_ms,
                     reply_to=begin.reply_to,
                     traceparent=tx.traceparent,
+                    one_phase=tx.one_phase,
                 ),
-                force=False,
+                # one-phase: recovery must know to ask rather than presume (the Prepare's send
+                # makes it durable first, as the driver contract says; forced to say so)
+                force=tx.one_phase,
             )
         ]
         for branch in begin.branches:
@@ -232,6 +234,7 @@ class CoordinatorCore:
                 args=branch.args,
                 deadline_ms=deadline_ms,
                 participants=tx.participants,
+                one_phase=tx.one_phase,
             )
             effects.append(
                 Send(topology.participant_queue(branch.participant), prepare, tx.traceparent)
@@ -249,6 +252,8 @@ class CoordinatorCore:
             reason = vote.reason or "voted NO"
             reason = f"{vote.participant} voted NO: {reason}"
             return self._abort(tx, reason, vote.participant, no_voter=vote.participant)
+        if vote.vote is VoteKind.COMMITTED and not tx.one_phase:
+            return [ProtocolViolation(tx.tx_id, f"{vote.participant} voted COMMITTED in two-phase")]
         tx.votes[vote.participant] = vote.vote
         if len(tx.votes) < len(tx.participants):
             return []
@@ -259,17 +264,70 @@ class CoordinatorCore:
         begin = tx.begin
         timeout = begin.timeout_ms if begin else 0
         reason = f"no vote from {', '.join(silent)} within {timeout} ms"
+        if tx.one_phase:
+            return self._resolve(tx, reason, silent[0] if silent else None, now_ms)
         return self._abort(tx, reason, silent[0] if silent else None)
+
+    # ---- one phase: the vote may be the outcome, so a missing one is asked for, never presumed
+
+    def _resolve(
+        self, tx: Transaction, reason: str, at_fault: str | None, now_ms: int
+    ) -> list[Effect]:
+        tx.state = TxState.RESOLVING
+        tx.abort_reason, tx.at_fault = reason, at_fault
+        tx.resend_delay_ms = self.settings.resend_initial_ms
+        if now_ms < tx.deadline_ms:
+            # Asked only once the PREPARE is too late to run: the participant's NO then holds,
+            # for its tombstone outlives the deadline and the deadline outlives the tombstone.
+            return [StartTimer((RESEND_TIMER, tx.tx_id), tx.deadline_ms)]
+        return self._ask(tx, now_ms)
+
+    def _ask(self, tx: Transaction, now_ms: int) -> list[Effect]:
+        effects: list[Effect] = [self._one_phase_abort(tx, p) for p in tx.participants]
+        effects.append(StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms))
+        tx.resend_delay_ms = min(tx.resend_delay_ms * 2, self.settings.resend_max_ms)
+        return effects
+
+    def _one_phase_abort(self, tx: Transaction, participant: str) -> Send:
+        abort = Abort(
+            tx_id=tx.tx_id, participant=participant, reason=tx.abort_reason, one_phase=True
+        )
+        return Send(topology.participant_queue(participant), abort, tx.traceparent)
+
+    def _resend_abort(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        return self._ask(tx, now_ms)
+
+    def _ask_inquirer(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        """A branch that declined one phase, prepared and is in doubt: the same question."""
+        inquire = _message(event, Inquire)
+        if inquire.participant not in tx.participants:
+            return []
+        return [self._one_phase_abort(tx, inquire.participant)]
+
+    def _answer(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
+        vote = _message(event, Vote)
+        if vote.participant not in tx.participants:
+            return [
+                ProtocolViolation(tx.tx_id, f"vote from {vote.participant!r}, not a participant")
+            ]
+        if vote.vote is VoteKind.COMMITTED:
+            tx.votes[vote.participant] = vote.vote
+            return self._commit(tx, now_ms)
+        if vote.vote is VoteKind.NO:
+            effects = self._abort(tx, tx.abort_reason, tx.at_fault, no_voter=vote.participant)
+            return [CancelTimer((RESEND_TIMER, tx.tx_id)), *effects]
+        return []  # a YES from before it heard the question: its answer to it follows
 
     def _commit(self, tx: Transaction, now_ms: int) -> list[Effect]:
         voters = tuple(p for p in tx.participants if tx.votes.get(p) is VoteKind.YES)
         committed = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.COMMITTED)
+        timer = RESEND_TIMER if tx.state is TxState.RESOLVING else VOTE_TIMER
         effects: list[Effect] = [
             Persist(
                 TxCommitting(tx_id=tx.tx_id, participants=voters, reply_to=tuple(tx.reply_to)),
                 force=True,
             ),
-            CancelTimer((VOTE_TIMER, tx.tx_id)),
+            CancelTimer((timer, tx.tx_id)),
         ]
         effects += [
             Send(
@@ -278,7 +336,7 @@ class CoordinatorCore:
             for p in voters
         ]
         effects += [Send(q, committed, tx.traceparent) for q in tx.reply_to]
-        if not voters:  # every branch was read-only: there is no phase 2
+        if not voters:  # every branch was read-only or committed in one phase: no phase 2
             return [*effects, *self._end(tx)]
         tx.state = TxState.COMMITTING
         tx.awaiting_ack = set(voters)
@@ -406,50 +464,6 @@ class CoordinatorCore:
             return self._abort(tx, reason, event.participant)
         return []
 
-    # ---- helpers -----------------------------------------------------------------------------
-
-    def _refusal(self, begin: Begin, now_ms: int) -> tuple[str, str | None] | None:
-        settings = self.settings
-        if not begin.branches:
-            return "the transaction has no branches", None
-        if len(begin.branches) > settings.max_branches:
-            return f"too many branches ({len(begin.branches)} > {settings.max_branches})", None
-        if not settings.min_timeout_ms <= begin.timeout_ms <= settings.max_timeout_ms:
-            return (
-                f"timeout {begin.timeout_ms} ms is outside "
-                f"[{settings.min_timeout_ms}, {settings.max_timeout_ms}] ms",
-                None,
-            )
-        seen: set[str] = set()
-        for branch in begin.branches:
-            name = branch.participant
-            if not topology.is_valid_participant_name(name):
-                return f"invalid participant name {name!r}", name
-            if name in seen:
-                return (
-                    f"participant {name!r} appears twice: combine its work into one operation",
-                    name,
-                )
-            seen.add(name)
-            down = self._down_reason(name, now_ms)
-            if down is not None:
-                return down, name
-        return None
-
-    def _down_reason(self, name: str, now_ms: int) -> str | None:
-        timeout = self.settings.liveness_timeout_ms
-        seen = self.liveness.get(name)
-        if seen is None:
-            if now_ms - self.started_ms < timeout:
-                return None  # just started: heartbeats may not have arrived yet
-            return f"unknown participant {name!r}: no heartbeat received from it"
-        silence = now_ms - seen.last_seen_ms
-        # silence from before the coordinator could listen (start, reconnect) is not theirs
-        listened = now_ms - max(seen.last_seen_ms, self.started_ms)
-        if listened > max(timeout, 3 * seen.interval_ms):
-            return f"participant {name!r} is down: last heartbeat {silence / 1000:.1f} s ago"
-        return None
-
     def _recover(self, event: Recovered, now_ms: int) -> list[Effect]:
         effects: list[Effect] = []
         for tx_id, records in event.unfinished.items():
@@ -457,19 +471,31 @@ class CoordinatorCore:
             committing = next((r for r in records if isinstance(r, TxCommitting)), None)
             tx = Transaction(tx_id, TxState.NONE)
             if begun is not None:
-                tx.participants = tuple(b.participant for b in begun.branches)
-                tx.reply_to = [begun.reply_to]
-                tx.traceparent = begun.traceparent
-            if committing is not None:
+                self._restore(tx, begun)
+            if committing is not None and not committing.participants:
+                effects += self._end(tx)  # nothing to wait for: only the lazy END was lost
+            elif committing is not None:
                 tx.state = TxState.COMMITTING
                 tx.awaiting_ack = set(committing.participants)
                 tx.resend_delay_ms = self.settings.resend_initial_ms
                 self.transactions[tx_id] = tx
                 effects += self._resend_commits(tx, event, now_ms)
+            elif begun is not None and begun.one_phase:
+                self.transactions[tx_id] = tx
+                reason = "the coordinator restarted before the one-phase vote arrived"
+                effects += self._resolve(tx, reason, None, now_ms)
             elif begun is not None:
                 tx.state = TxState.VOTING
                 effects += self._abort(tx, "the coordinator restarted before deciding", None)
         return effects
+
+    @staticmethod
+    def _restore(tx: Transaction, begun: TxBegun) -> None:
+        tx.participants = tuple(b.participant for b in begun.branches)
+        tx.reply_to = list(dict.fromkeys([begun.reply_to, *tx.reply_to]))
+        tx.traceparent = begun.traceparent or tx.traceparent
+        tx.one_phase = begun.one_phase
+        tx.deadline_ms = begun.deadline_ms
 
 
 def _tx_id(event: Event) -> str:
@@ -505,6 +531,7 @@ def _recorded_outcome(records: list[CoordinatorRecord]) -> Outcome | None:
 
 C = CoordinatorCore
 N, L, V, K = TxState.NONE, TxState.LOOKING_UP, TxState.VOTING, TxState.COMMITTING
+Q = TxState.RESOLVING
 
 #: (state, event kind) -> handler. Everything else is a protocol violation.
 TRANSITIONS: dict[tuple[TxState, str], Handler] = {
@@ -541,6 +568,14 @@ TRANSITIONS: dict[tuple[TxState, str], Handler] = {
     (L, "Unroutable"): C._ignore,
     (V, "Unroutable"): C._unroutable,
     (K, "Unroutable"): C._ignore,
+    (Q, "Begin"): C._join_begin,  # told when the participant answers
+    (Q, "StatusQuery"): C._join_status,  # pending
+    (Q, "Vote"): C._answer,
+    (Q, "Ack"): C._ignore,
+    (Q, "Inquire"): C._ask_inquirer,
+    (Q, "Timer:vote"): C._ignore,
+    (Q, "Timer:resend"): C._resend_abort,
+    (Q, "Unroutable"): C._ignore,  # the queue may come back; the answer is still needed
 }
 
 #: kinds of message a coordinator never receives (they flow the other way)

@@ -3,9 +3,11 @@
 from participant.core.events import (
     AbortBranch,
     BranchExecuted,
+    BranchHistory,
     CommitBranch,
     Event,
     ExecuteBranch,
+    LookUpBranch,
     Recovered,
 )
 from participant.core.machine import (
@@ -23,12 +25,14 @@ __all__ = [
     "TRANSITIONS",
     "AbortBranch",
     "BranchExecuted",
+    "BranchHistory",
     "BranchInfo",
     "BranchState",
     "CommitBranch",
     "Effect",
     "Event",
     "ExecuteBranch",
+    "LookUpBranch",
     "ParticipantCore",
     "ParticipantSettings",
     "Recovered",

@@ -7,19 +7,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.effects import Incoming, TimerFired
-from schemas.records import BranchCompleted, BranchPrepared
+from schemas.records import BranchCompleted, BranchPrepared, ParticipantRecord
 
 
 @dataclass(frozen=True, slots=True)
 class ExecuteBranch:
     """Effect: run the operation's handler and leave the branch durably prepared in the resource.
 
-    The driver answers with ``BranchExecuted``.
+    The driver answers with ``BranchExecuted``. With ``one_phase`` it may also commit the
+    branch at once (durably, before it answers ``committed=True``), or decline and only prepare.
     """
 
     tx_id: str
     operation: str
     args: dict[str, Any]
+    one_phase: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,26 @@ class BranchExecuted:
     tx_id: str
     ok: bool
     reason: str = ""
+    #: one phase: the branch is committed in the resource, not only prepared
+    committed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LookUpBranch:
+    """Effect: read the prepare log and the resource for ``tx_id``; feed back ``BranchHistory``.
+
+    A one-phase question about a branch not in memory: it may have committed long ago (the log
+    or the resource remembers), or never have run here."""
+
+    tx_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BranchHistory:
+    tx_id: str
+    records: list[ParticipantRecord]
+    #: the resource holds the branch committed (its own durable mark, which outlives the log)
+    resource_committed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,4 +82,4 @@ class Recovered:
     completed: list[BranchCompleted] = field(default_factory=list)
 
 
-Event = Incoming | TimerFired | BranchExecuted | Recovered
+Event = Incoming | TimerFired | BranchExecuted | BranchHistory | Recovered

@@ -2,9 +2,15 @@
 
 One ``ParticipantCore`` serves one participant name. Each branch (one per transaction) moves
 NONE -> EXECUTING -> PREPARED -> COMMITTED | ABORTED. The handler itself runs in the driver: the
-core asks for it with ``ExecuteBranch`` and hears back ``BranchExecuted``. Terminal branches stay
-in memory until a while after their deadline so that late duplicates are answered from memory,
-then the log (and presumed abort) answers for them.
+core asks for it with ``ExecuteBranch`` and hears back ``BranchExecuted``.
+
+One phase (``Prepare.one_phase``, the transaction's only branch): EXECUTING -> COMMITTED with a
+COMMITTED vote, or -> ABORTED with NO. The coordinator, missing the vote, asks with
+``Abort(one_phase)``; every state answers it with a vote, and NONE first reads the log and the
+resource (LOOKING_UP): the branch may have committed and been forgotten since.
+
+Terminal branches stay in memory until a while after their deadline so that late duplicates are
+answered from memory, then the log (and presumed abort) answers for them.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import Any, TypeVar
 from participant.core.events import (
     AbortBranch,
     BranchExecuted,
+    BranchHistory,
     CommitBranch,
     Event,
     ExecuteBranch,
+    LookUpBranch,
     Recovered,
 )
 from schemas import topology
@@ -53,11 +61,14 @@ Effect = (
     | ExecuteBranch
     | CommitBranch
     | AbortBranch
+    | LookUpBranch
 )
 M = TypeVar("M")
 
 INQUIRE_TIMER = "inquire"
 FORGET_TIMER = "forget"
+#: the event kind of ``Abort(one_phase=True)``: a question, answered in every state
+ONE_PHASE_ABORT = "Abort:one_phase"
 
 
 class BranchState(enum.Enum):
@@ -66,6 +77,8 @@ class BranchState(enum.Enum):
     PREPARED = "prepared"
     COMMITTED = "committed"
     ABORTED = "aborted"
+    #: a one-phase question about a branch not in memory waits for the log and the resource
+    LOOKING_UP = "looking_up"
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class BranchInfo:
     traceparent: str = ""
     abort_requested: bool = False
     inquire_delay_ms: int = 0
+    one_phase: bool = False
 
 
 Handler = Callable[["ParticipantCore", BranchInfo, Event, int], list[Effect]]
@@ -94,6 +108,8 @@ Handler = Callable[["ParticipantCore", BranchInfo, Event, int], list[Effect]]
 
 def _kind(event: Event) -> str:
     if isinstance(event, Incoming):
+        if isinstance(event.message, Abort) and event.message.one_phase:
+            return ONE_PHASE_ABORT
         return type(event.message).__name__
     if isinstance(event, TimerFired):
         return f"Timer:{event.key[0]}"
@@ -134,6 +150,10 @@ class ParticipantCore:
         prepare = _message(event, Prepare)
         branch.operation, branch.args = prepare.operation, prepare.args
         branch.deadline_ms, branch.traceparent = prepare.deadline_ms, _traceparent(event)
+        if now_ms > prepare.deadline_ms and prepare.one_phase:
+            # It may have committed here and been forgotten since: a NO would then be taken
+            # for the outcome. The log and the resource answer, as they answer the question.
+            return self._look_up(branch, event, now_ms)
         if now_ms > prepare.deadline_ms:
             # Nothing was done here, so nothing is logged or remembered: this may be a duplicate
             # for a branch that committed here and was forgotten since (its log must not say
@@ -143,12 +163,20 @@ class ParticipantCore:
             return [self._send(branch, vote)]
         self.branches[branch.tx_id] = branch
         branch.state = BranchState.EXECUTING
-        return [ExecuteBranch(branch.tx_id, prepare.operation, prepare.args)]
+        branch.one_phase = prepare.one_phase
+        return [ExecuteBranch(branch.tx_id, prepare.operation, prepare.args, prepare.one_phase)]
 
     def _executed(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         assert isinstance(event, BranchExecuted)
         if not event.ok:
             return self._refuse(branch, event.reason)
+        if event.committed:  # one phase; also the answer to an Abort(one_phase) meanwhile
+            if not branch.one_phase:
+                return [ProtocolViolation(branch.tx_id, "committed a two-phase branch at once")]
+            return [
+                *self._finish(branch, Decision.COMMIT, "", force=True),  # before the vote
+                self._vote(branch, VoteKind.COMMITTED),
+            ]
         if branch.abort_requested:
             # The ABORT overtook the handler: undo what it prepared, and never vote YES.
             effects: list[Effect] = [AbortBranch(branch.tx_id, branch.operation, branch.args)]
@@ -208,6 +236,49 @@ class ParticipantCore:
         )
         forget_at = max(branch.deadline_ms, 0) + self.settings.remember_ms
         return [Persist(record, force=force), StartTimer((FORGET_TIMER, branch.tx_id), forget_at)]
+
+    # ---- one phase: Abort(one_phase) asks what happened, and every state answers ------------
+
+    def _look_up(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        self.branches[branch.tx_id] = branch
+        branch.state = BranchState.LOOKING_UP
+        branch.traceparent = _traceparent(event)
+        branch.one_phase = True
+        return [LookUpBranch(branch.tx_id)]
+
+    def _history(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        assert isinstance(event, BranchHistory)
+        branch.deadline_ms = now_ms
+        decisions = {r.decision for r in event.records if isinstance(r, BranchCompleted)}
+        if event.resource_committed or Decision.COMMIT in decisions:
+            # A missing COMMITTED record (a crash right after the resource's commit) is written.
+            done = self._finish(branch, Decision.COMMIT, "", force=True)
+            if Decision.COMMIT in decisions:
+                done = [e for e in done if not isinstance(e, Persist)]
+            return [*done, self._vote(branch, VoteKind.COMMITTED)]
+        undo: list[Effect] = []
+        if any(isinstance(r, BranchPrepared) for r in event.records) and not decisions:
+            undo.append(AbortBranch(branch.tx_id, "", {}))
+        # The tombstone is forced: a PREPARE still on its way must find it and vote NO, also
+        # after a crash, for the coordinator takes this NO as the outcome.
+        reason = "aborted by the coordinator before it ran here"
+        tombstone = self._finish(branch, Decision.ABORT, reason, force=True)
+        return [*undo, *tombstone, self._vote(branch, VoteKind.NO, reason)]
+
+    def _abort_and_answer(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        """A branch that declined one phase and prepared: abort it, then say NO."""
+        return [*self._abort(branch, event, now_ms), self._vote(branch, VoteKind.NO, "aborted")]
+
+    def _say_committed(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        return [self._vote(branch, VoteKind.COMMITTED)]
+
+    def _say_aborted(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
+        return [self._vote(branch, VoteKind.NO, "the transaction was already aborted here")]
+
+    def _vote(self, branch: BranchInfo, kind: VoteKind, reason: str = "") -> Send:
+        return self._send(
+            branch, Vote(tx_id=branch.tx_id, participant=self.name, vote=kind, reason=reason)
+        )
 
     def _vote_again(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         """A duplicate PREPARE: the coordinator may have missed the vote, so repeat it."""
@@ -309,7 +380,7 @@ def _traceparent(event: Event) -> str:
 
 P = ParticipantCore
 N, E, R = BranchState.NONE, BranchState.EXECUTING, BranchState.PREPARED
-C, A = BranchState.COMMITTED, BranchState.ABORTED
+C, A, L = BranchState.COMMITTED, BranchState.ABORTED, BranchState.LOOKING_UP
 
 #: (state, event kind) -> handler. Everything else is a protocol violation.
 TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
@@ -344,6 +415,20 @@ TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
     (E, "Timer:inquire"): P._ignore,
     (E, "Timer:forget"): P._ignore,
     (R, "Timer:forget"): P._ignore,
+    (N, ONE_PHASE_ABORT): P._look_up,
+    (L, ONE_PHASE_ABORT): P._ignore,  # answered once the log is read
+    (E, ONE_PHASE_ABORT): P._abort_while_executing,  # answered when the handler is done
+    (R, ONE_PHASE_ABORT): P._abort_and_answer,
+    (C, ONE_PHASE_ABORT): P._say_committed,
+    (A, ONE_PHASE_ABORT): P._say_aborted,
+    (L, "BranchHistory"): P._history,
+    # The question is only asked after the PREPARE's deadline: a PREPARE still on its way is
+    # too late, and the look-up's tombstone will make it vote NO (or its deadline will).
+    (L, "Prepare"): P._ignore,
+    (L, "Abort"): P._ignore,
+    (L, "Outcome"): P._ignore,
+    (L, "Timer:inquire"): P._ignore,
+    (L, "Timer:forget"): P._ignore,
 }
 
 EVENT_KINDS = (
@@ -351,6 +436,8 @@ EVENT_KINDS = (
     "BranchExecuted",
     "Commit",
     "Abort",
+    ONE_PHASE_ABORT,
+    "BranchHistory",
     "Outcome",
     "Timer:inquire",
     "Timer:forget",

@@ -67,6 +67,8 @@ class Config:
     #: (tx_id, its participants): the client submits each once at the start
     transactions: tuple[tuple[str, tuple[str, ...]], ...] = (("t1", ("p1", "p2")),)
     refuse: frozenset[tuple[str, str]] = frozenset()  # (participant, tx_id) whose handler says NO
+    #: participants that decline one phase: they only prepare, and vote YES
+    declines: frozenset[str] = frozenset()
     status_queries: bool = False  # the client also asks for the status of each transaction
     timeout_ms: int = 1_000
     bounds: Bounds = Bounds()
@@ -250,6 +252,10 @@ def perform(w: World, name: str, effect: Any) -> None:
     elif isinstance(effect, LookUp):
         records = [r for r in proc.log + proc.buffer if r.tx_id == effect.tx_id]
         proc.inbox.append(HistoryLoaded(effect.tx_id, records))
+    elif isinstance(effect, pc.LookUpBranch):  # participant/worker.py: the log and the resource
+        records = [r for r in proc.log + proc.buffer if r.tx_id == effect.tx_id]
+        committed = w.resource.get((name, effect.tx_id)) == "committed"
+        proc.inbox.append(pc.BranchHistory(effect.tx_id, records, committed))
     elif isinstance(effect, pc.ExecuteBranch | pc.CommitBranch | pc.AbortBranch):
         _resource(w, name, effect)
     elif isinstance(effect, fx.ProtocolViolation):
@@ -264,8 +270,14 @@ def _resource(
     state = w.resource.get(key, "none")
     if isinstance(effect, pc.ExecuteBranch):  # prepare; a no-op when prepared or committed
         ok = state != "aborted" and (state != "none" or key not in w.config.refuse)
-        own(w, name).inbox.append(pc.BranchExecuted(tx, ok, "" if ok else "refused"))
-        w.resource[key] = state if state in ("committed", "aborted") or not ok else "prepared"
+        # one phase: prepare and commit in the same step, as the worker's unit does
+        at_once = ok and effect.one_phase and name not in w.config.declines
+        done = pc.BranchExecuted(tx, ok, "" if ok else "refused", committed=at_once)
+        own(w, name).inbox.append(done)
+        if at_once:
+            w.resource[key] = "committed"
+        else:
+            w.resource[key] = state if state in ("committed", "aborted") or not ok else "prepared"
         return
     verb, done = (
         ("commit", "committed") if isinstance(effect, pc.CommitBranch) else ("abort", "aborted")
@@ -394,10 +406,14 @@ def check(w: World) -> str | None:
     sent = [(key[0], message(key)) for key in w.net]
     agreed = {(m.tx_id, m.participant) for _, m in sent if isinstance(m, msg.Vote) and m.vote != NO}
     for tx, participants in w.config.transactions:
-        if "atomicity" in on and {"committed", "aborted"} <= {
-            w.resource[p, tx] for p in participants
-        }:
+        states = {w.resource[p, tx] for p in participants}
+        if "atomicity" in on and {"committed", "aborted"} <= states:
             return f"atomicity: {tx} is committed at one participant and aborted at another"
+        answer = told(w, tx)
+        if "atomicity" in on and answer is msg.OutcomeKind.ABORTED and "committed" in states:
+            return f"atomicity: the client was told {tx} aborted, a branch committed"
+        if "atomicity" in on and answer is msg.OutcomeKind.COMMITTED and "aborted" in states:
+            return f"atomicity: the client was told {tx} committed, a branch aborted"
         written = coordinator.log + coordinator.buffer
         kinds = {type(r) for r in written if r.tx_id == tx} & {rec.TxCommitting, rec.TxAborted}
         if "rule4" in on and len(kinds) == 2:
@@ -423,10 +439,11 @@ def check(w: World) -> str | None:
             return f"rule 2: COMMIT sent for {m.tx_id}, COMMITTING is not durable"
         if (
             "rule6" in on
-            and isinstance(m, msg.Ack)
+            and (isinstance(m, msg.Ack) or (isinstance(m, msg.Vote) and m.vote is COMMITTED))
             and w.resource[m.participant, m.tx_id] != "committed"
         ):
-            return f"rule 6: {m.participant} ACKed {m.tx_id}, its resource is not committed"
+            what = "ACKed" if isinstance(m, msg.Ack) else "voted COMMITTED on"
+            return f"rule 6: {m.participant} {what} {m.tx_id}, its resource is not committed"
         if "rule7" in on and isinstance(m, msg.Outcome) and queue in (CLIENT, STATUS_CLIENT):
             if m.outcome is msg.OutcomeKind.COMMITTED and m.tx_id not in committing:
                 return f"rule 7: client told {m.tx_id} committed, COMMITTING is not durable"
@@ -437,7 +454,7 @@ def check(w: World) -> str | None:
     return None
 
 
-NO = msg.VoteKind.NO
+NO, COMMITTED = msg.VoteKind.NO, msg.VoteKind.COMMITTED
 
 
 def settle(w: World, max_steps: int = 1_000) -> str | None:

@@ -4,7 +4,10 @@
   profiles (together: every process crashes at every step, duplicates, a loss, timers firing at
   any moment, a jump of time, a NO vote);
 * seeded random walks: three participants, three transactions, many more faults;
-* mutations: break write-ahead rule 1 (or 2) in a core and the explorer must find it.
+* one phase: every interleaving of a single-branch transaction, whose COMMITTED vote is the
+  outcome (committing, refusing, declining one phase, with status queries);
+* mutations: break write-ahead rule 1 (or 2) in a core and the explorer must find it; presume
+  abort in one phase, or answer its question from memory only, and it must find that too.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 
 from coordinator.core import CoordinatorCore
-from participant.core import TRANSITIONS, BranchState
+from participant.core import TRANSITIONS, BranchState, LookUpBranch
 from schemas.effects import Persist, Send
 from schemas.messages import Vote
 from tests.model import explorer
@@ -64,6 +67,43 @@ def test_exhaustive_two_participants_one_transaction() -> None:
     assert n > 300_000
     notes = set().union(*(r.notes for r in results.values()))
     print("protocol violations reported by the cores (not failures):", sorted(notes))
+
+
+ONE = {"participants": ("p1",), "transactions": (("t1", ("p1",)),)}
+ONE_PHASE_FAULTS = Bounds(total_crashes=2, duplicates=1, losses=1, timer_fires=2, jumps=1)
+ONE_PHASE_PROFILES: dict[str, Config] = {
+    "one branch; two crashes, a duplicate, a loss, two timers, a jump": Config(
+        **ONE, bounds=ONE_PHASE_FAULTS
+    ),
+    "one branch votes NO; the same faults": Config(
+        **ONE, refuse=frozenset({("p1", "t1")}), bounds=ONE_PHASE_FAULTS
+    ),
+    "one branch declines one phase; a crash, a duplicate, two timers, a jump": Config(
+        **ONE,
+        declines=frozenset({"p1"}),
+        bounds=Bounds(total_crashes=1, duplicates=1, losses=0, timer_fires=2, jumps=1),
+    ),
+    "one branch, status queries; a crash, a loss, two timers, a jump": Config(
+        **ONE,
+        status_queries=True,
+        bounds=Bounds(total_crashes=1, duplicates=0, losses=1, timer_fires=2, jumps=1),
+    ),
+}
+
+
+def test_exhaustive_one_phase() -> None:
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        found = pool.map(explorer.explore, ONE_PHASE_PROFILES.values())
+        results = dict(zip(ONE_PHASE_PROFILES, found, strict=True))
+    for name, result in results.items():
+        assert result.problem is None, f"{name}\n{result.report()}"
+        print(f"{name}: {result.states} states, {result.settled} settled")
+        assert result.settled > 0
+    # both answers are reached: the branch commits on some paths and aborts on others
+    world = explorer.initial_world(Config(**ONE, bounds=NO_FAULTS))  # type: ignore[arg-type]
+    assert explorer.settle(world) is None
+    assert world.resource["p1", "t1"] == "committed"
+    assert explorer.told(world, "t1") is explorer.msg.OutcomeKind.COMMITTED
 
 
 def _walk_config(seed: int) -> Config:
@@ -172,3 +212,41 @@ def test_explorer_finds_a_driver_that_publishes_before_flushing() -> None:
     result = explorer.explore(config)
     assert result.problem is not None
     print(result.report())
+
+
+def test_explorer_finds_a_coordinator_that_presumes_abort_in_one_phase(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The vote COMMITTED may be lost after the branch committed: presuming abort on the vote
+    timeout would tell the client "aborted" about a committed branch."""
+
+    def presume(self: CoordinatorCore, tx: Any, reason: str, at_fault: Any, now: int) -> list[Any]:
+        return self._abort(tx, reason, at_fault)
+
+    monkeypatch.setattr(CoordinatorCore, "_resolve", presume)
+    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))  # type: ignore[arg-type]
+    assert result.problem is not None, "the explorer missed a presumed abort in one phase"
+    print(result.report())
+    assert result.problem.startswith("atomicity")
+
+
+def test_explorer_finds_a_participant_that_answers_the_question_from_memory_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A branch that committed and was forgotten must answer COMMITTED from its log: a NO from
+    an empty memory would abort the transaction in the client's eyes."""
+    key = (BranchState.NONE, "Abort:one_phase")
+    look_up = TRANSITIONS[key]
+
+    def from_memory(core: Any, branch: Any, event: Any, now_ms: int) -> list[Any]:
+        effects = look_up(core, branch, event, now_ms)
+        assert effects == [LookUpBranch(branch.tx_id)]
+        return TRANSITIONS[BranchState.LOOKING_UP, "BranchHistory"](
+            core, branch, explorer.pc.BranchHistory(branch.tx_id, []), now_ms
+        )
+
+    monkeypatch.setitem(TRANSITIONS, key, from_memory)
+    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))  # type: ignore[arg-type]
+    assert result.problem is not None, "the explorer missed an answer from memory only"
+    print(result.report())
+    assert result.problem.startswith(("atomicity", "rule 4"))

@@ -94,6 +94,11 @@ def coordinator_in(state: TxState) -> CoordinatorCore:
         core = fresh("a", "b")
         core.handle(Incoming(begin("a", "b")), NOW)
         return core
+    if state is TxState.RESOLVING:  # one phase: a's vote did not come in time
+        core = started("a")
+        core.handle(TimerFired(("vote", TX)), NOW)
+        assert core.state_of(TX) is state
+        return core
     core = started("a", "b")
     if state is TxState.COMMITTING:
         core.handle(vote("a"), NOW)
@@ -143,6 +148,7 @@ def sig(effect: Any) -> str:
 
 
 N, L, V, K = TxState.NONE, TxState.LOOKING_UP, TxState.VOTING, TxState.COMMITTING
+Q = TxState.RESOLVING
 ABORT_ALL = [
     "Persist(aborted!)",
     "CancelTimer(vote)",
@@ -190,6 +196,14 @@ EXPECTED: dict[tuple[TxState, str], tuple[TxState, list[str]]] = {
     (L, "Unroutable"): (L, []),
     (V, "Unroutable"): (N, ABORT_ALL),
     (K, "Unroutable"): (K, []),
+    (Q, "Begin"): (Q, []),  # told when a answers
+    (Q, "StatusQuery"): (Q, ["Outcome.pending>s"]),
+    (Q, "Vote"): (Q, []),  # a YES sent before a heard the question; its answer follows
+    (Q, "Ack"): (Q, []),
+    (Q, "Inquire"): (Q, ["Abort>a"]),  # a declined one phase and is in doubt: the question
+    (Q, "Timer:vote"): (Q, []),
+    (Q, "Timer:resend"): (Q, ["Abort>a", "StartTimer(resend)"]),
+    (Q, "Unroutable"): (Q, []),
 }
 
 PAIRS = [(state, kind) for state in TxState for kind in EVENT_KINDS]

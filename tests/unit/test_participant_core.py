@@ -20,9 +20,11 @@ from participant.core import (
     TRANSITIONS,
     AbortBranch,
     BranchExecuted,
+    BranchHistory,
     BranchState,
     CommitBranch,
     ExecuteBranch,
+    LookUpBranch,
     ParticipantCore,
     ParticipantSettings,
     Recovered,
@@ -82,6 +84,9 @@ def participant_in(state: BranchState) -> ParticipantCore:
     core = ParticipantCore(ME, SETTINGS)
     if state is BranchState.NONE:
         return core
+    if state is BranchState.LOOKING_UP:
+        assert core.handle(ASK, NOW) == [LookUpBranch(TX)]
+        return core
     assert core.handle(prepare(), NOW) == [ExecuteBranch(TX, "debit", {"amount": 5})]
     if state is not BranchState.EXECUTING:
         core.handle(BranchExecuted(TX, ok=True), NOW)
@@ -93,7 +98,12 @@ def participant_in(state: BranchState) -> ParticipantCore:
     return core
 
 
+#: the one-phase question: did the branch commit? (abort it if not)
+ASK = Incoming(Abort(tx_id=TX, participant=ME, reason="no vote", one_phase=True))
+
 EVENTS: dict[str, Any] = {
+    "Abort:one_phase": ASK,
+    "BranchHistory": BranchHistory(TX, []),
     "Prepare": prepare(),
     "BranchExecuted": BranchExecuted(TX, ok=True),
     "Commit": Incoming(Commit(tx_id=TX, participant=ME)),
@@ -128,7 +138,7 @@ def sig(effect: Any) -> str:
 
 
 N, E, R = BranchState.NONE, BranchState.EXECUTING, BranchState.PREPARED
-C, A = BranchState.COMMITTED, BranchState.ABORTED
+C, A, L = BranchState.COMMITTED, BranchState.ABORTED, BranchState.LOOKING_UP
 
 #: (state, event kind) -> (state after, the effects in order) for every pair in the table
 EXPECTED: dict[tuple[BranchState, str], tuple[BranchState, list[str]]] = {
@@ -173,6 +183,27 @@ EXPECTED: dict[tuple[BranchState, str], tuple[BranchState, list[str]]] = {
     (N, "Timer:forget"): (N, []),
     (E, "Timer:forget"): (E, []),
     (R, "Timer:forget"): (R, []),  # a prepared branch is never forgotten
+    (N, "Abort:one_phase"): (L, ["LookUpBranch"]),  # it may have committed and been forgotten
+    (L, "Abort:one_phase"): (L, []),  # answered when the log is read
+    (E, "Abort:one_phase"): (E, []),  # answered when the handler is done
+    (R, "Abort:one_phase"): (  # it declined one phase and prepared
+        A,
+        [
+            "AbortBranch",
+            "CancelTimer(inquire)",
+            "Persist(completed.abort)",
+            "StartTimer(forget)",
+            "Vote.no",
+        ],
+    ),
+    (C, "Abort:one_phase"): (C, ["Vote.committed"]),
+    (A, "Abort:one_phase"): (A, ["Vote.no"]),
+    # nothing in the log or the resource: a forced tombstone, then NO
+    (L, "BranchHistory"): (A, ["Persist(completed.abort!)", "StartTimer(forget)", "Vote.no"]),
+    (L, "Prepare"): (L, []),
+    (L, "Abort"): (L, []),
+    (L, "Timer:inquire"): (L, []),
+    (L, "Timer:forget"): (L, []),
 }
 
 PAIRS = [(state, kind) for state in BranchState for kind in EVENT_KINDS]
