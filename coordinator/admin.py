@@ -5,6 +5,8 @@ itself (vote timeout, recovery), so resolution is refused while one consumes the
 queue. With the coordinator stopped, a transaction without a decision can be resolved as ABORT
 (that is what presumed abort will make of it anyway, now recorded with a reason); it can never be
 resolved as COMMIT, because votes are not logged and rule 3 forbids a COMMIT without every YES.
+A one-phase transaction cannot be resolved by hand at all: its branch may have committed unheard,
+and only the coordinator's question to the participant (``Abort(one_phase)``) can tell.
 Committing a branch by hand is a heuristic decision taken at a participant
 (``twophase tx resolve --participant``). Every action is recorded as a ``ManualAction`` with its
 reason; one that contradicts the logged decision is refused and recorded as a hazard.
@@ -51,6 +53,12 @@ class TxSummary:
 
 def summarize(tx_id: str, records: list[CoordinatorRecord]) -> TxSummary:
     begun = next((r for r in records if isinstance(r, TxBegun)), None)
+    if begun is not None and begun.one_phase:
+        raise HeuristicHazard(
+            f"cannot resolve {tx_id} as ABORT: it ran in one phase, so its only participant "
+            f"({begun.branches[0].participant}) may have committed without the coordinator "
+            "hearing it. Start the coordinator: it asks the participant and records its answer"
+        )
     participants = tuple(b.participant for b in begun.branches) if begun else ()
     manual = any(isinstance(r, ManualAction) for r in records)
     decision = logged_decision(records)
@@ -136,6 +144,12 @@ def resolve(
             "participant's branch with --participant (a heuristic decision)"
         )
     begun = next((r for r in records if isinstance(r, TxBegun)), None)
+    if begun is not None and begun.one_phase:
+        raise HeuristicHazard(
+            f"cannot resolve {tx_id} as ABORT: it ran in one phase, so its only participant "
+            f"({begun.branches[0].participant}) may have committed without the coordinator "
+            "hearing it. Start the coordinator: it asks the participant and records its answer"
+        )
     participants = tuple(b.participant for b in begun.branches) if begun else ()
     log.append(
         [

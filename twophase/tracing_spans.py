@@ -209,7 +209,9 @@ class CoordinatorTrace:
         participant = message.participant
         if isinstance(message, Prepare):
             if participant not in tx.prepare:
-                tx.prepare[participant] = self._child(tx, "prepare", message.tx_id, participant)
+                prepare = self._child(tx, "prepare", message.tx_id, participant)
+                prepare.set_attribute("one_phase", message.one_phase)
+                tx.prepare[participant] = prepare
         elif isinstance(message, Commit):
             span = tx.commit.get(participant)
             if span is None:
@@ -217,7 +219,9 @@ class CoordinatorTrace:
             else:
                 span.add_event("commit re-sent")
         elif participant not in tx.abort:
-            span = self._child(tx, "abort", message.tx_id, participant)
+            # one phase: a question (did the branch commit?), answered by the vote
+            name = "ask" if message.one_phase else "abort"
+            span = self._child(tx, name, message.tx_id, participant)
             span.set_attribute(REASON, message.reason)
             tx.abort[participant] = span
             self._ending.append(span)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import sqlalchemy as sa
 
@@ -284,6 +285,31 @@ def test_resolve_commit_without_a_logged_decision_is_refused_and_changes_nothing
     )
     assert code == HAZARD
     assert records_of(decision_log, "tx-never-seen") == []
+
+
+def test_resolve_abort_of_an_undecided_one_phase_transaction_is_refused(
+    decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its only branch may have committed unheard: only the coordinator's question can tell."""
+    one_phase = msgspec.structs.replace(begun("tx-one-phase", "bank-a"), one_phase=True)
+    decision_log.append([one_phase])
+    code, out, err = cli(
+        capsys,
+        "tx",
+        "resolve",
+        "tx-one-phase",
+        "--abort",
+        "--reason",
+        "stuck",
+        "--data-dir",
+        str(data_dir),
+        "--amqp-url",
+        NO_BROKER,
+    )
+    assert code == HAZARD
+    assert out == ""
+    assert "ran in one phase" in err and "bank-a" in err and "Start the coordinator" in err
+    assert records_of(decision_log, "tx-one-phase") == [one_phase]
 
 
 def test_resolve_that_agrees_with_the_log_is_recorded_as_a_confirmation(

@@ -112,6 +112,12 @@ def transfer(tx_id: str, amount: int = 10) -> Begin:
     )
 
 
+def credit(tx_id: str, bank_name: str = "bank-b", amount: int = 1) -> Begin:
+    """A single-branch transaction: committed in one phase."""
+    branch = Branch(bank_name, "credit", {"account": f"{bank_name}-0", "amount": amount})
+    return Begin(tx_id=tx_id, branches=(branch,), timeout_ms=30_000, reply_to=REPLY)
+
+
 @pytest.fixture(params=[False, True], ids=["own-log-db", "log-in-resource-db"])
 def system(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[System]:
     yield System(tmp_path, MemoryBroker(), shared=request.param)
@@ -164,7 +170,9 @@ class AuditingChannel(MemoryChannel):
                 records = log.history([message.tx_id]).get(message.tx_id, [])
                 assert any(isinstance(r, BranchPrepared) for r in records), message
                 self.checked += 1
-            if isinstance(message, Ack):  # rule 6: the commit is durable in the resource
+            committed_vote = isinstance(message, Vote) and message.vote is VoteKind.COMMITTED
+            if isinstance(message, Ack) or committed_vote:  # rule 6, and one phase's commit
+                assert isinstance(message, Ack | Vote)
                 db = sqlite3.connect(self.tmp / f"{message.participant}.db")
                 state = db.execute(
                     "SELECT state FROM twophase_reservation WHERE participant = ? AND tx_id = ?",
@@ -172,6 +180,11 @@ class AuditingChannel(MemoryChannel):
                 ).fetchone()
                 db.close()
                 assert state == ("committed",), message
+                self.checked += 1
+            if isinstance(message, Outcome) and message.outcome is OutcomeKind.COMMITTED:
+                log = DecisionLog(str(self.tmp / "coordinator.log.db"))  # rule 7
+                records = log.history([message.tx_id]).get(message.tx_id, [])
+                assert any(isinstance(r, TxCommitting) for r in records), message
                 self.checked += 1
         super().publish(routing_key, body, **kwargs)
 
@@ -192,9 +205,12 @@ def test_commits_votes_and_acks_leave_only_after_what_they_promise_is_durable(
     system = System(tmp_path, broker, shared=shared)
     for i in range(3):
         system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer(f"w{i}", 1)))
+        system.client.publish(topology.COORDINATOR_QUEUE, encode(credit(f"o{i}", BANKS[i])))
     system.settle()
-    assert len(system.outcomes()) == 3
-    assert sum(c.checked for c in channels) == 3 * 9  # 9 YES votes, 9 COMMITs, 9 ACKs
+    assert {o.outcome for o in system.outcomes()} == {OutcomeKind.COMMITTED}
+    # 3 transfers: 9 YES votes, 9 COMMITs, 9 ACKs, 3 answers; 3 one-phase credits: 3 COMMITTED
+    # votes, 3 answers
+    assert sum(c.checked for c in channels) == 3 * 10 + 3 * 2
 
 
 def test_garbage_is_dead_lettered_and_the_driver_goes_on(system: System) -> None:

@@ -13,7 +13,6 @@ from coordinator.core import (
     CoordinatorCore,
     CoordinatorSettings,
     HistoryLoaded,
-    LookUp,
     Recovered,
     TxState,
 )
@@ -26,10 +25,10 @@ from participant.core import (
     LookUpBranch,
     ParticipantCore,
 )
+from schemas import topology
 from schemas.effects import Incoming, Persist, ProtocolViolation, Send, StartTimer, TimerFired
 from schemas.messages import (
     Abort,
-    Begin,
     Branch,
     Commit,
     Outcome,
@@ -184,7 +183,7 @@ def test_a_resubmission_that_finds_an_undecided_one_phase_record_asks_and_keeps_
     None
 ):
     core = cc.fresh("a")
-    other = cc.topology.client_queue("c2")
+    other = topology.client_queue("c2")
     core.handle(Incoming(cc.begin("a", reply_to=other)), NOW)
     effects = core.handle(HistoryLoaded(TX, _begun(NOW - 1)), NOW)
     assert [cc.sig(e) for e in effects] == ["Abort>a", "StartTimer(resend)"]
