@@ -79,6 +79,8 @@ __all__ = ["ChaosConfig", "ChaosResult", "Check", "print_summary", "run_chaos"]
 SERVICES = ("coordinator", *BANKS)
 OPENING_BALANCE = 1_000
 FEE = 1
+#: the share of single-branch deposits and withdrawals, which commit in one phase
+ONE_PHASE_SHARE = 0.2
 #: an account stays out of new transfers this long after its transfer's answer (a native branch
 #: holds its row lock until COMMIT PREPARED, which reaches the bank after the client hears)
 ACCOUNT_GRACE_S = 0.5
@@ -188,13 +190,20 @@ class Load:
     def _new_transfer(self, i: int) -> Transfer:
         payer, payee, fee_bank = self.rng.sample(BANKS, 3)
         amount = self.rng.randint(1, 400)
+        single = self.rng.random() < ONE_PHASE_SHARE
+        operation = self.rng.choice(("credit", "debit"))
         now = time.monotonic()
         with self.lock:
-            legs = (
-                (payer, "debit", self._free_account(payer, now), amount + FEE),
-                (payee, "credit", self._free_account(payee, now), amount),
-                (fee_bank, "credit", self._free_account(fee_bank, now), FEE),
-            )
+            if single:  # a deposit or a withdrawal: one branch, committed in one phase
+                legs: tuple[tuple[str, str, str, int], ...] = (
+                    (payee, operation, self._free_account(payee, now), amount),
+                )
+            else:
+                legs = (
+                    (payer, "debit", self._free_account(payer, now), amount + FEE),
+                    (payee, "credit", self._free_account(payee, now), amount),
+                    (fee_bank, "credit", self._free_account(fee_bank, now), FEE),
+                )
             for b, _, account, _ in legs:
                 self.busy[(b, account)] = math.inf
         return Transfer(f"chaos-{self.run_id}-{i:06d}", legs)

@@ -59,6 +59,8 @@ class Check:
 @dataclass
 class ChaosResult:
     transfers: int = 0
+    #: of which single-branch deposits and withdrawals (committed in one phase)
+    one_phase: int = 0
     committed: int = 0
     aborted: int = 0
     unknown: int = 0
@@ -100,6 +102,7 @@ class ChaosResult:
         return {
             "ok": self.ok,
             "transfers": self.transfers,
+            "one_phase": self.one_phase,
             "committed": self.committed,
             "aborted": self.aborted,
             "unknown": self.unknown,
@@ -289,6 +292,7 @@ def judge(
     """Fill ``result`` in: the counts, and one :class:`Check` per property of the run."""
     tx_ids = sorted(transfers)
     checks = result.checks
+    result.one_phase = sum(len(t.legs) == 1 for t in transfers.values())
     result.committed = sum(t.seen == "committed" for t in transfers.values())
     result.aborted = sum(t.seen == "aborted" for t in transfers.values())
     result.unknown = sum(t.seen == "unknown" for t in transfers.values())
@@ -370,7 +374,7 @@ def judge(
             "; ".join(bad[:MAX_LISTED])
             + (f" (+{len(bad) - MAX_LISTED} more)" if len(bad) > MAX_LISTED else "")
             if bad
-            else f"{result.decided_commit} committed at all three banks, the others at none",
+            else f"{result.decided_commit} committed at every bank they name, the others at none",
         )
     )
 
@@ -444,21 +448,20 @@ def judge(
         for (b, a), v in sorted(expected.items())
         if balances.get((b, a)) != v
     ]
-    balanced = result.total_after == result.total_before
+    # deposits and withdrawals (one branch, one phase) change the total by what they committed
+    balanced = result.total_after == sum(expected.values())
     checks.append(
         Check(
             "balances",
             balanced and not wrong,
-            (
-                f"total {result.total_before} -> {result.total_after}; "
-                if not balanced
-                else f"total {result.total_after} unchanged; "
-            )
+            f"total {result.total_before} -> {result.total_after}"
+            + ("; " if balanced else f" != {sum(expected.values())} committed; ")
             + (
                 f"{len(wrong)} accounts differ from opening + committed transfers: "
                 + "; ".join(wrong[:MAX_LISTED])
                 if wrong
-                else "every account = opening balance + its committed transfers, each once"
+                else "every account = opening balance + its committed transfers and deposits,"
+                " each once"
             ),
         )
     )
@@ -486,7 +489,8 @@ def print_summary(result: ChaosResult) -> None:
     )
     lines = [
         "twophase chaos: three banks (2 x PostgreSQL branches, 1 x SQLite reservation)",
-        f"  transfers         {result.transfers} in {result.load_s:.1f} s (seed {result.seed})",
+        f"  transfers         {result.transfers} in {result.load_s:.1f} s (seed {result.seed});"
+        f" {result.one_phase} of one branch (one phase)",
         f"  client saw        committed {result.committed}, aborted {result.aborted}, "
         f"unknown {result.unknown} (answered later: {result.late_answers}, "
         f"never: {result.unanswered})",

@@ -60,6 +60,7 @@ def test_the_bank_stays_consistent_under_kills_crash_points_and_a_broker_restart
     assert sorted(result.crashpoints_fired) == sorted(NAMES), report
     # and there was something to protect: money moved, and some transfers were refused
     assert result.committed > 0 and result.aborted > 0, report
+    assert result.one_phase > 0, report  # single-branch transactions ran in one phase
     assert result.decided_commit >= result.committed, report
 
     failed = [f"{c.name}: {c.detail}" for c in result.failed()]
