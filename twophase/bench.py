@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="postgres",
         help="where the coordinator and participant logs live",
     )
+    p.add_argument(
+        "--one-phase",
+        choices=("on", "off"),
+        default="on",
+        help="single-branch transactions in one phase (the coordinator's TWOPHASE_ONE_PHASE)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     p.add_argument("--concurrency", type=int, default=128, help="closed loop: tx in flight")
@@ -365,6 +371,7 @@ def _run(
             "participants": args.participants,
             "resource": args.resource,
             "log": args.log,
+            "one_phase": args.one_phase,
             "mode": f"open loop at {args.rate}/s"
             if args.rate
             else f"closed loop, {args.concurrency} in flight",
@@ -374,7 +381,9 @@ def _run(
     }
     with ServiceGroup(url, workdir) as services:
         services.start_coordinator(
-            TWOPHASE_LOG_URL=log_url("coordinator"), TWOPHASE_STATS_FILE=stats.path("coordinator")
+            TWOPHASE_LOG_URL=log_url("coordinator"),
+            TWOPHASE_STATS_FILE=stats.path("coordinator"),
+            TWOPHASE_ONE_PHASE=args.one_phase,
         )
         for name in names:
             services.start_bank(

@@ -21,7 +21,10 @@ def _coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import CoordinatorConfig, run_coordinator
 
     liveness = config.number(args.liveness_timeout, "TWOPHASE_LIVENESS_TIMEOUT", 3.0, minimum=0.1)
-    settings = CoordinatorSettings(liveness_timeout_ms=int(liveness * 1000))
+    settings = CoordinatorSettings(
+        liveness_timeout_ms=int(liveness * 1000),
+        one_phase=config.switch(args.one_phase, "TWOPHASE_ONE_PHASE", True),
+    )
     run_coordinator(
         CoordinatorConfig(
             amqp_url=config.amqp_url(args.amqp_url),
@@ -124,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", help="deliveries per batch [TWOPHASE_PREFETCH]")
     p.add_argument(
         "--liveness-timeout", help="seconds without heartbeat [TWOPHASE_LIVENESS_TIMEOUT]"
+    )
+    p.add_argument(
+        "--one-phase",
+        help="on or off: commit single-branch transactions in one round [TWOPHASE_ONE_PHASE, on]",
     )
     p.set_defaults(run=_coordinator)
 

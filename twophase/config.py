@@ -7,6 +7,7 @@ TWOPHASE_LOG_URL               this process's log, a path or database URL
                                (default DATA_DIR/coordinator.log.db or DATA_DIR/NAME.log.db)
 TWOPHASE_PREFETCH              deliveries per batch (default 512; participants 256)
 TWOPHASE_LIVENESS_TIMEOUT      seconds without a heartbeat before a participant is down (3)
+TWOPHASE_ONE_PHASE             on (default) or off: single-branch transactions in one phase
 TWOPHASE_HEARTBEAT_INTERVAL    participant heartbeat period in seconds (1)
 TWOPHASE_CRASHPOINTS           name[:probability],... for fault injection (off)
 TWOPHASE_METRICS_PORT          Prometheus endpoint port; 0 disables (coordinator 9464,
@@ -60,6 +61,16 @@ def number(flag: str | None, variable: str, default: float, *, minimum: float = 
     if value < minimum:
         raise ConfigurationError(f"{variable} must be at least {minimum}, got {value}")
     return value
+
+
+def switch(flag: str | None, variable: str, default: bool) -> bool:
+    """``on`` or ``off`` (also true/false, yes/no, 1/0)."""
+    text = setting(flag, variable, "on" if default else "off").strip().lower()
+    if text in ("on", "true", "yes", "1"):
+        return True
+    if text in ("off", "false", "no", "0"):
+        return False
+    raise ConfigurationError(f"{variable} must be on or off, got {text!r}")
 
 
 def metrics_port(flag: str | int | None, default: int) -> int:

@@ -152,3 +152,21 @@ def test_the_command_line_rejects_a_bad_log_format(
     monkeypatch.setenv("TWOPHASE_LOG_FORMAT", "xml")
     assert main(["coordinator"]) == 2
     assert "kv or json" in capsys.readouterr().err
+
+
+def test_one_phase_is_on_by_default_and_a_bad_value_is_one_clear_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from twophase import config
+    from twophase.cli import main
+
+    monkeypatch.delenv("TWOPHASE_ONE_PHASE", raising=False)
+    assert config.switch(None, "TWOPHASE_ONE_PHASE", True) is True
+    monkeypatch.setenv("TWOPHASE_ONE_PHASE", "Off")
+    assert config.switch(None, "TWOPHASE_ONE_PHASE", True) is False
+    assert config.switch("yes", "TWOPHASE_ONE_PHASE", True) is True  # the flag wins
+    monkeypatch.setenv("TWOPHASE_ONE_PHASE", "maybe")
+    assert main(["coordinator"]) == 2
+    err = capsys.readouterr().err
+    assert "TWOPHASE_ONE_PHASE must be on or off, got 'maybe'" in err
+    assert "Traceback" not in err
