@@ -5,9 +5,12 @@ own). COMMITTING is forced before any COMMIT or client answer leaves. ABORTED is
 the client is told (rule 7: the same ``tx_id`` must get the same answer after a restart) although
 the participants would presume it. ENDED is lazy and written once every committing participant
 has ACKed. ABORTED and ENDED finish a transaction: recovery only reads transactions with neither.
+A one-phase BEGUN (``one_phase``) is forced, and recovery never presumes its abort: the only
+participant may have committed, so the coordinator asks it (``Abort(one_phase)``).
 
 Participant log: PREPARED is forced before a YES vote,
-COMPLETED(committed) is forced before the ACK, COMPLETED(aborted) is lazy.
+COMPLETED(committed) is forced before the ACK (one phase: before the COMMITTED vote, with no
+PREPARED record), COMPLETED(aborted) is lazy, except as the tombstone behind a one-phase NO.
 """
 
 from __future__ import annotations

@@ -245,9 +245,7 @@ class CoordinatorCore:
     def _vote(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
         vote = _message(event, Vote)
         if vote.participant not in tx.participants:
-            return [
-                ProtocolViolation(tx.tx_id, f"vote from {vote.participant!r}, not a participant")
-            ]
+            return [_stranger(tx, vote)]
         if vote.vote is VoteKind.NO:
             reason = vote.reason or "voted NO"
             reason = f"{vote.participant} voted NO: {reason}"
@@ -307,9 +305,7 @@ class CoordinatorCore:
     def _answer(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
         vote = _message(event, Vote)
         if vote.participant not in tx.participants:
-            return [
-                ProtocolViolation(tx.tx_id, f"vote from {vote.participant!r}, not a participant")
-            ]
+            return [_stranger(tx, vote)]
         if vote.vote is VoteKind.COMMITTED:
             tx.votes[vote.participant] = vote.vote
             return self._commit(tx, now_ms)
@@ -504,6 +500,10 @@ def _tx_id(event: Event) -> str:
     if isinstance(event, TimerFired):
         return event.key[1]
     return event.tx_id
+
+
+def _stranger(tx: Transaction, vote: Vote) -> ProtocolViolation:
+    return ProtocolViolation(tx.tx_id, f"vote from {vote.participant!r}, not a participant")
 
 
 def _message(event: Event, kind: type[M]) -> M:

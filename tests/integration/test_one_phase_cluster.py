@@ -28,6 +28,14 @@ def credit(bank: str, amount: int = 5) -> list[Branch]:
     return [Branch(bank, "credit", {"account": f"{bank}-0", "amount": amount})]
 
 
+def start_with_crashing_bank_a(cluster: Cluster, crash_after: str) -> None:
+    cluster.open_accounts()
+    cluster.start_coordinator()
+    cluster.start_bank("bank-a", crash_after=crash_after)
+    cluster.start_bank("bank-c")
+    cluster.ready("coordinator", "bank-a", "bank-c")
+
+
 @pytest.mark.parametrize("bank", ["bank-a", "bank-c"], ids=["native-branch", "reservation"])
 def test_a_single_branch_commits_in_one_round(cluster: Cluster, bank: str) -> None:
     cluster.open_accounts()
@@ -63,11 +71,7 @@ def test_a_committed_vote_lost_with_the_participant_is_asked_for_and_heard(
     """bank-a commits and logs it, then dies before its COMMITTED vote leaves. The vote
     timeout cannot presume abort: the coordinator asks, and the restarted bank answers from
     its log."""
-    cluster.open_accounts()
-    cluster.start_coordinator()
-    cluster.start_bank("bank-a", crash_after="completed=participant.after_persist")
-    cluster.start_bank("bank-c")
-    cluster.ready("coordinator", "bank-a", "bank-c")
+    start_with_crashing_bank_a(cluster, "completed=participant.after_persist")
     expected = copy(cluster.initial)
     branches = credit("bank-a")
     with Client(cluster.amqp_url) as client:
@@ -88,12 +92,8 @@ def test_a_committed_vote_lost_with_the_participant_is_asked_for_and_heard(
 def test_a_branch_killed_between_its_prepare_and_its_commit_aborts(cluster: Cluster) -> None:
     """The native branch is PREPAREd, then bank-a dies before COMMIT PREPARED. Restarted past
     the deadline, it rolls the orphan back, finds nothing committed, and answers NO."""
-    cluster.open_accounts()
-    cluster.start_coordinator()
     # armed by the first commit (a warm-up), it fires in the next transaction's prepare
-    cluster.start_bank("bank-a", crash_after="completed=participant.after_prepare")
-    cluster.start_bank("bank-c")
-    cluster.ready("coordinator", "bank-a", "bank-c")
+    start_with_crashing_bank_a(cluster, "completed=participant.after_prepare")
     expected = copy(cluster.initial)
     warm_up = credit("bank-a", 1)
     with Client(cluster.amqp_url) as client:

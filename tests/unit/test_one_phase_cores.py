@@ -128,10 +128,15 @@ def test_a_missing_vote_is_asked_for_with_backoff_never_presumed() -> None:
     assert delays == [1_000, 2_000, 4_000]
 
 
-def test_the_answer_no_aborts_with_the_timeout_reason_and_committed_commits() -> None:
+def asked_then_answered(kind: VoteKind) -> tuple[CoordinatorCore, list[Any]]:
+    """The vote timed out, the question went out, and ``kind`` is the answer."""
     core, _ = one_branch()
     core.handle(TimerFired(("vote", TX)), NOW + 1_000)
-    effects = core.handle(answer(VoteKind.NO), NOW + 1_100)
+    return core, core.handle(answer(kind), NOW + 1_100)
+
+
+def test_the_answer_no_aborts_with_the_timeout_reason_and_committed_commits() -> None:
+    _core, effects = asked_then_answered(VoteKind.NO)
     assert [cc.sig(e) for e in effects] == [
         "CancelTimer(resend)",
         "Persist(aborted!)",
@@ -141,9 +146,7 @@ def test_the_answer_no_aborts_with_the_timeout_reason_and_committed_commits() ->
     (outcome,) = sent(effects, Outcome)
     assert (outcome.reason, outcome.at_fault) == ("no vote from a within 1000 ms", "a")
 
-    core, _ = one_branch()
-    core.handle(TimerFired(("vote", TX)), NOW + 1_000)
-    effects = core.handle(answer(VoteKind.COMMITTED), NOW + 1_100)
+    _core, effects = asked_then_answered(VoteKind.COMMITTED)
     assert [cc.sig(e) for e in effects] == [
         "Persist(committing!)",
         "CancelTimer(resend)",
@@ -203,9 +206,7 @@ def test_recovery_ends_a_commit_that_waits_for_no_acks() -> None:
 
 
 def test_the_decision_records_stay_consistent_with_the_answer() -> None:
-    core, _ = one_branch()
-    core.handle(TimerFired(("vote", TX)), NOW + 1_000)
-    effects = core.handle(answer(VoteKind.NO), NOW + 1_100)
+    core, effects = asked_then_answered(VoteKind.NO)
     records = [e.record for e in effects if isinstance(e, Persist)]
     assert isinstance(records[0], TxAborted) and records[0].at_fault == "a"
     assert core.handle(answer(VoteKind.COMMITTED), NOW + 1_200) == []  # late: NONE ignores it
