@@ -93,6 +93,15 @@ class SharesTransactions(Protocol):
     def finish_many_in(self, unit: Any, branches: Sequence[Finish]) -> None: ...
 
 
+@runtime_checkable
+class CommitsAtOnce(Protocol):
+    """A resource that commits a one-phase branch without preparing it first (PostgresResource:
+    a plain COMMIT instead of PREPARE TRANSACTION and COMMIT PREPARED). Its ``committed()``
+    must tell afterwards whether such a commit happened."""
+
+    def commit_at_once_many(self, branches: Sequence[Branch]) -> list[Refuse | None]: ...
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (fit for messages and logs)."""
     url = re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
@@ -222,6 +231,61 @@ class PostgresResource:
         while len(self._parked) > self._pool_size:
             _discard(self._parked.popitem(last=False)[1])
 
+    def commit_at_once(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
+        """One phase: the handler and the commit marker in one plain transaction, committed.
+
+        A crash before the COMMIT leaves nothing; after it, the marker says committed. A COMMIT
+        that the server did not answer is ambiguous: it raises ResourceError, the worker stops,
+        and after a restart the marker answers the coordinator's question."""
+        gid = self._gid(tx_id)
+        if gid is None:
+            raise Refuse(f"tx_id {tx_id[:40]!r} is too long for a {GID_MAX_BYTES}-byte gid")
+        try:
+            known = (
+                tx_id in self._parked or self._rows(_KNOWN, (gid, self._participant, tx_id))[0][0]
+            )
+            conn = None if known else self._acquire()
+        except psycopg.Error as exc:
+            raise _refusal(exc) from exc
+        if conn is None:
+            self._decide(tx_id, commit=True)  # prepared before, or committed already
+            return
+        try:
+            timeout = sql.Literal(self._lock_timeout_ms)
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
+            op.prepare(conn, args)
+            conn.execute(
+                "INSERT INTO twophase_commit_marker (participant, tx_id) VALUES (%s, %s)",
+                (self._participant, tx_id),
+            )
+        except Exception as exc:
+            self._rollback_plain(conn)
+            if isinstance(exc, Refuse):
+                raise
+            raise _refusal(exc) from exc
+        try:
+            conn.commit()
+        except Exception as exc:
+            _discard(conn)
+            if getattr(exc, "sqlstate", None) is None:
+                raise ResourceError(
+                    f"the COMMIT of {tx_id!r} got no answer from PostgreSQL; whether it committed"
+                    " is read from twophase_commit_marker after a restart"
+                ) from exc
+            raise _refusal(exc) from exc
+        self._release(conn)
+
+    def commit_at_once_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
+        results: list[Refuse | None] = []
+        for tx_id, op, args in branches:
+            try:
+                self.commit_at_once(tx_id, op, args)
+            except Refuse as refusal:
+                results.append(refusal)
+            else:
+                results.append(None)
+        return results
+
     def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
         self._decide(tx_id, commit=True)
 
@@ -316,6 +380,14 @@ class PostgresResource:
             return True
 
         return self._with_conn(finish)
+
+    def _rollback_plain(self, conn: _Conn) -> None:
+        try:
+            conn.rollback()
+        except Exception:
+            _discard(conn)
+        else:
+            self._release(conn)
 
     def _rollback_branch(self, conn: _Conn) -> None:
         try:

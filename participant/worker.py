@@ -40,8 +40,9 @@ from participant.operations import (
     Handler,
     OperationRegistry,
     OperationSpec,
+    Refuse,
 )
-from participant.resources import Finish, Resource, SharesTransactions
+from participant.resources import CommitsAtOnce, Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from twophase import config, logs, store, tracing
@@ -356,16 +357,12 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 if self.trace is not None:
                     spec = self.trace.handler(spec, effect.tx_id)
                 known.append((effect, spec))
-        branches = [(e.tx_id, spec, e.args) for e, spec in known]
-        if self.shared is not None and branches:
-            refusals = self.shared.prepare_many_in(self._open_unit(), branches)
-        else:
-            refusals = self.resource.prepare_many(branches)
+        refusals = self._run_handlers(known)
         crashpoint("participant.after_prepare")
         at_once = [
             (effect.tx_id, spec, effect.args, True)
             for (effect, spec), refusal in zip(known, refusals, strict=True)
-            if refusal is None and effect.one_phase
+            if refusal is None and effect.one_phase and not self._commits_directly
         ]
         if at_once:
             # One phase: committed in the resource before the COMMITTED record and vote (with a
@@ -374,12 +371,51 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
                 self.shared.finish_many_in(self._open_unit(), at_once)
             else:
                 self.resource.finish_many(at_once)
+        committed_before = self._committed_before(known, refusals)
         for (effect, _spec), refusal in zip(known, refusals, strict=True):
-            if refusal is None:
+            if refusal is None or effect.tx_id in committed_before:
                 results.append(BranchExecuted(effect.tx_id, ok=True, committed=effect.one_phase))
             else:
                 results.append(BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason))
         return results
+
+    @property
+    def _commits_directly(self) -> bool:
+        return self.shared is None and isinstance(self.resource, CommitsAtOnce)
+
+    def _run_handlers(
+        self, known: list[tuple[ExecuteBranch, OperationSpec]]
+    ) -> list[Refuse | None]:
+        """Prepare the branches; a resource that can commits one-phase branches at once."""
+        refusals: list[Refuse | None] = [None] * len(known)
+        direct = [i for i, (e, _) in enumerate(known) if e.one_phase and self._commits_directly]
+        staged = sorted(set(range(len(known))) - set(direct))
+        for indexes, run in ((staged, self._prepare_many), (direct, self._commit_at_once_many)):
+            if indexes:
+                branches = [(known[i][0].tx_id, known[i][1], known[i][0].args) for i in indexes]
+                for i, refusal in zip(indexes, run(branches), strict=True):
+                    refusals[i] = refusal
+        return refusals
+
+    def _prepare_many(self, branches: list[tuple[str, OperationSpec, dict[str, Any]]]) -> Any:
+        if self.shared is not None:
+            return self.shared.prepare_many_in(self._open_unit(), branches)
+        return self.resource.prepare_many(branches)
+
+    def _commit_at_once_many(
+        self, branches: list[tuple[str, OperationSpec, dict[str, Any]]]
+    ) -> Any:
+        assert isinstance(self.resource, CommitsAtOnce)
+        return self.resource.commit_at_once_many(branches)
+
+    def _committed_before(
+        self, known: list[tuple[ExecuteBranch, OperationSpec]], refusals: list[Refuse | None]
+    ) -> set[str]:
+        """One-phase branches refused now but committed by an earlier attempt (a crash between
+        the resource's commit and the record): a NO would be taken for their outcome. The
+        resource decides; if it cannot be asked, the batch fails rather than guess."""
+        refused = [e.tx_id for (e, _), r in zip(known, refusals, strict=True) if r and e.one_phase]
+        return self.resource.committed(refused) if refused else set()
 
     def _finish_item(self, effect: CommitBranch | AbortBranch) -> Finish:
         if isinstance(effect, CommitBranch):

@@ -3,7 +3,8 @@
 The cluster of ``test_recovery`` (coordinator, bank-a on a native PostgreSQL branch, bank-c on a
 SQLite reservation, both with SQLite logs) runs single-branch transfers. Crashes are aimed with
 its ``TWOPHASE_TEST_CRASH_AFTER`` hook: the COMMITTED vote lost with the participant, a branch
-killed between its prepare and its commit, a coordinator killed with its PREPARE sent.
+killed after its commit and before its record, or between its prepare and its commit, and a
+coordinator killed with its PREPARE sent.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def credit(bank: str, amount: int = 5) -> list[Branch]:
     return [Branch(bank, "credit", {"account": f"{bank}-0", "amount": amount})]
 
 
-def start_with_crashing_bank_a(cluster: Cluster, crash_after: str) -> None:
+def start_with_crashing(cluster: Cluster, bank: str, crash_after: str) -> None:
+    """The coordinator, bank-a and bank-c; ``bank`` with a crash point armed by a record."""
     cluster.open_accounts()
     cluster.start_coordinator()
-    cluster.start_bank("bank-a", crash_after=crash_after)
-    cluster.start_bank("bank-c")
+    for name in ("bank-a", "bank-c"):
+        cluster.start_bank(name, crash_after=crash_after if name == bank else None)
     cluster.ready("coordinator", "bank-a", "bank-c")
 
 
@@ -71,7 +73,7 @@ def test_a_committed_vote_lost_with_the_participant_is_asked_for_and_heard(
     """bank-a commits and logs it, then dies before its COMMITTED vote leaves. The vote
     timeout cannot presume abort: the coordinator asks, and the restarted bank answers from
     its log."""
-    start_with_crashing_bank_a(cluster, "completed=participant.after_persist")
+    start_with_crashing(cluster, "bank-a", "completed=participant.after_persist")
     expected = copy(cluster.initial)
     branches = credit("bank-a")
     with Client(cluster.amqp_url) as client:
@@ -89,31 +91,55 @@ def test_a_committed_vote_lost_with_the_participant_is_asked_for_and_heard(
     wait_for(lambda: not cluster.in_doubt(), what="nothing in doubt")
 
 
-def test_a_branch_killed_between_its_prepare_and_its_commit_aborts(cluster: Cluster) -> None:
-    """The native branch is PREPAREd, then bank-a dies before COMMIT PREPARED. Restarted past
-    the deadline, it rolls the orphan back, finds nothing committed, and answers NO."""
+def test_a_branch_killed_before_its_record_is_answered_by_its_resource(cluster: Cluster) -> None:
+    """bank-a commits the branch at once (a plain COMMIT with its commit marker) and dies
+    before the COMPLETED record. Restarted past the deadline, it finds the marker when asked
+    (or when the late PREPARE comes back) and answers COMMITTED."""
     # armed by the first commit (a warm-up), it fires in the next transaction's prepare
-    start_with_crashing_bank_a(cluster, "completed=participant.after_prepare")
+    start_with_crashing(cluster, "bank-a", "completed=participant.after_prepare")
     expected = copy(cluster.initial)
-    warm_up = credit("bank-a", 1)
+    warm_up, branches = credit("bank-a", 1), credit("bank-a")
+    with Client(cluster.amqp_url) as client:
+        assert client.submit(warm_up, timeout=10).outcome is OutcomeKind.COMMITTED
+        future = client.submit_future(branches, tx_id="unrecorded", timeout=TIMEOUT_S)
+        cluster.wait_crash("bank-a", "participant.after_prepare")
+        assert "unrecorded" in cluster.committed_at("bank-a")
+        assert cluster.branch("bank-a", "unrecorded") == []  # no record, no vote
+        time.sleep(TIMEOUT_S + 0.5)
+        cluster.services.restart("bank-a")
+        outcome = future.result(30)
+    assert outcome.outcome is OutcomeKind.COMMITTED, outcome
+    apply(expected, warm_up)
+    apply(expected, branches)
+    cluster.wait_balances(expected, "bank-a")
+    assert cluster.wait_completion("bank-a", "unrecorded").decision is Decision.COMMIT
+    wait_for(lambda: not cluster.in_doubt(), what="nothing in doubt")
+
+
+def test_a_branch_killed_between_its_prepare_and_its_commit_aborts(cluster: Cluster) -> None:
+    """bank-c (a reservation in its own database) holds the branch, then dies before applying
+    it. Restarted past the deadline, it releases the orphan hold, finds nothing committed, and
+    answers NO."""
+    start_with_crashing(cluster, "bank-c", "completed=participant.after_prepare")
+    expected = copy(cluster.initial)
+    warm_up = credit("bank-c", 1)
     with Client(cluster.amqp_url) as client:
         assert client.submit(warm_up, timeout=10).outcome is OutcomeKind.COMMITTED
         apply(expected, warm_up)
-        future = client.submit_future(credit("bank-a"), tx_id="half-done", timeout=TIMEOUT_S)
-        cluster.wait_crash("bank-a", "participant.after_prepare")
-        assert cluster.prepared_xacts() == ["twophase:bank-a:half-done"]
+        future = client.submit_future(credit("bank-c"), tx_id="half-done", timeout=TIMEOUT_S)
+        cluster.wait_crash("bank-c", "participant.after_prepare")
+        assert cluster.reservations("bank-c").get("half-done") == "prepared"
         time.sleep(TIMEOUT_S + 0.5)  # the redelivered PREPARE will be too late to run
-        cluster.services.restart("bank-a")
+        cluster.services.restart("bank-c")
         outcome = future.result(30)
     assert outcome.outcome is OutcomeKind.ABORTED, outcome
-    assert outcome.at_fault == "bank-a"
-    assert outcome.reason == f"no vote from bank-a within {int(TIMEOUT_S * 1000)} ms"
-    assert cluster.prepared_xacts() == []
-    assert "half-done" not in cluster.committed_at("bank-a")
-    completed = cluster.wait_completion("bank-a", "half-done")
+    assert outcome.at_fault == "bank-c"
+    assert outcome.reason == f"no vote from bank-c within {int(TIMEOUT_S * 1000)} ms"
+    assert "half-done" not in cluster.committed_at("bank-c")
+    completed = cluster.wait_completion("bank-c", "half-done")
     assert completed.decision is Decision.ABORT
     assert isinstance(cluster.decisions("half-done")[-1], TxAborted)
-    cluster.wait_balances(expected, "bank-a")
+    cluster.wait_balances(expected, "bank-c")
     wait_for(lambda: not cluster.in_doubt(), what="nothing in doubt")
 
 

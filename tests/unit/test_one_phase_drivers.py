@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from participant.operations import Refuse
 from schemas import topology
 from schemas.codec import decode_message, encode
-from schemas.messages import Abort, Envelope, Enveloped, OutcomeKind, Vote, VoteKind
+from schemas.messages import Abort, Envelope, Enveloped, OutcomeKind, Prepare, Vote, VoteKind
 from schemas.records import BranchCompleted, Decision
 from tests.unit import test_drivers
 from tests.unit.test_drivers import System, _count_commits, credit, unwrap
+from twophase.driver import now_ms
 from twophase.memory import MemoryBroker
 
 system = test_drivers.system  # the fixture: both with the log in its own and the resource's db
@@ -79,3 +83,38 @@ def test_the_question_is_answered_from_memory_then_the_log_then_the_resource(
     assert answer.vote is VoteKind.NO
     (tombstone,) = worker.prepare_log.history(["never-ran"])["never-ran"]
     assert isinstance(tombstone, BranchCompleted) and tombstone.decision is Decision.ABORT
+
+
+def test_a_refusal_of_a_branch_the_resource_already_committed_is_no_no(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between the resource's commit and the record, then a redelivered PREPARE whose
+    handler fails (a database glitch, say): a NO would be taken for the outcome of a committed
+    branch. The resource is asked first."""
+    system = System(tmp_path, MemoryBroker(), shared=False)
+    worker = system.workers["bank-b"]
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(credit("glitch")))
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
+    worker.core.branches.pop("glitch")  # as after a restart that lost the record
+    assert worker.prepare_log.log.prune(["glitch"]) == 1
+    monkeypatch.setattr(
+        worker.resource,
+        "prepare_many",
+        lambda branches: [Refuse("connection reset")] * len(branches),
+    )
+    prepare = Prepare(
+        tx_id="glitch",
+        participant="bank-b",
+        operation="credit",
+        args={"account": "bank-b-0", "amount": 1},
+        deadline_ms=now_ms() + 60_000,
+        participants=("bank-b",),
+        one_phase=True,
+    )
+    system.client.publish(topology.participant_queue("bank-b"), encode(prepare))
+    worker.turn()
+    (body,) = system.broker.bodies(topology.COORDINATOR_QUEUE)
+    (vote,) = unwrap([decode_message(body)])
+    assert isinstance(vote, Vote) and vote.vote is VoteKind.COMMITTED
+    assert system.balance("bank-b") == (101, 0)  # applied once
