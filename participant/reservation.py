@@ -382,6 +382,12 @@ class ReservationResource:
         with self._engine.connect() as conn:
             return set(conn.execute(query).scalars())
 
+    def committed_in(self, unit: sa.Connection, tx_ids: Iterable[str]) -> set[str]:
+        """:meth:`committed`, read in ``unit``'s open transaction (on SQLite another connection
+        would wait for the unit's write lock, which this thread holds)."""
+        states = self._states(unit, list(tx_ids))
+        return {tx for tx, state in states.items() if state == "committed"}
+
     def stored_operation(self, tx_id: str) -> str | None:
         """The operation a prepared reservation was made by (recovery of orphans needs it)."""
         with self._engine.connect() as conn:

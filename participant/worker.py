@@ -321,7 +321,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             return []
         tx_ids, self._lookups = self._lookups, []
         found = self.prepare_log.history(tx_ids)
-        committed = self.resource.committed(tx_ids)
+        committed = self._committed(tx_ids)
         return [
             BranchHistory(tx, found.get(tx, []) + self.pending_records(tx), tx in committed)
             for tx in tx_ids
@@ -415,7 +415,12 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         the resource's commit and the record): a NO would be taken for their outcome. The
         resource decides; if it cannot be asked, the batch fails rather than guess."""
         refused = [e.tx_id for (e, _), r in zip(known, refusals, strict=True) if r and e.one_phase]
-        return self.resource.committed(refused) if refused else set()
+        return self._committed(refused) if refused else set()
+
+    def _committed(self, tx_ids: list[str]) -> set[str]:
+        if self.shared is not None:
+            return self.shared.committed_in(self._open_unit(), tx_ids)
+        return self.resource.committed(tx_ids)
 
     def _finish_item(self, effect: CommitBranch | AbortBranch) -> Finish:
         if isinstance(effect, CommitBranch):

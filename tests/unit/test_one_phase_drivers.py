@@ -10,10 +10,20 @@ import pytest
 from participant.operations import Refuse
 from schemas import topology
 from schemas.codec import decode_message, encode
-from schemas.messages import Abort, Envelope, Enveloped, OutcomeKind, Prepare, Vote, VoteKind
+from schemas.messages import (
+    Abort,
+    Begin,
+    Branch,
+    Envelope,
+    Enveloped,
+    OutcomeKind,
+    Prepare,
+    Vote,
+    VoteKind,
+)
 from schemas.records import BranchCompleted, Decision
 from tests.unit import test_drivers
-from tests.unit.test_drivers import System, _count_commits, credit, unwrap
+from tests.unit.test_drivers import REPLY, System, _count_commits, credit, unwrap
 from twophase.driver import now_ms
 from twophase.memory import MemoryBroker
 
@@ -118,3 +128,19 @@ def test_a_refusal_of_a_branch_the_resource_already_committed_is_no_no(
     (vote,) = unwrap([decode_message(body)])
     assert isinstance(vote, Vote) and vote.vote is VoteKind.COMMITTED
     assert system.balance("bank-b") == (101, 0)  # applied once
+
+
+def test_a_refused_single_branch_aborts_naming_it_in_both_log_placements(system: System) -> None:
+    """The refusal is checked against the resource inside the batch's own unit: on SQLite a
+    second connection would wait for the unit's write lock, which the same thread holds."""
+    debit = Branch("bank-b", "debit", {"account": "bank-b-0", "amount": 10_000})
+    begin = Begin(tx_id="too-much", branches=(debit,), timeout_ms=30_000, reply_to=REPLY)
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(begin))
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(credit("fine")))
+    system.settle()
+    outcomes = {o.tx_id: o for o in system.outcomes()}
+    assert outcomes["fine"].outcome is OutcomeKind.COMMITTED
+    refused = outcomes["too-much"]
+    assert refused.outcome is OutcomeKind.ABORTED and refused.at_fault == "bank-b"
+    assert "insufficient funds" in refused.reason
+    assert system.balance("bank-b") == (101, 0)
