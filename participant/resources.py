@@ -133,6 +133,21 @@ def _caused(refusal: Refuse, cause: Exception) -> Refuse:
     return refusal
 
 
+def _one_by_one(
+    run: Callable[[str, OperationSpec, dict[str, Any]], None], branches: Sequence[Branch]
+) -> list[Refuse | None]:
+    """``run`` each branch; its refusal or None."""
+    results: list[Refuse | None] = []
+    for tx_id, op, args in branches:
+        try:
+            run(tx_id, op, args)
+        except Refuse as refusal:
+            results.append(refusal)
+        else:
+            results.append(None)
+    return results
+
+
 def _discard(conn: _Conn) -> None:
     with contextlib.suppress(Exception):
         conn.close()
@@ -206,13 +221,7 @@ class PostgresResource:
             raise _refusal(exc) from exc
         try:
             conn.tpc_begin(gid)
-            timeout = sql.Literal(self._lock_timeout_ms)
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
-            op.prepare(conn, args)
-            conn.execute(
-                "INSERT INTO twophase_commit_marker (participant, tx_id) VALUES (%s, %s)",
-                (self._participant, tx_id),
-            )
+            self._run_handler(conn, tx_id, op, args)
         except Refuse:
             self._rollback_branch(conn)
             raise
@@ -252,13 +261,7 @@ class PostgresResource:
             self._decide(tx_id, commit=True)  # prepared before, or committed already
             return
         try:
-            timeout = sql.Literal(self._lock_timeout_ms)
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
-            op.prepare(conn, args)
-            conn.execute(
-                "INSERT INTO twophase_commit_marker (participant, tx_id) VALUES (%s, %s)",
-                (self._participant, tx_id),
-            )
+            self._run_handler(conn, tx_id, op, args)
         except Exception as exc:
             self._rollback_plain(conn)
             if isinstance(exc, Refuse):
@@ -277,15 +280,7 @@ class PostgresResource:
         self._release(conn)
 
     def commit_at_once_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
-        results: list[Refuse | None] = []
-        for tx_id, op, args in branches:
-            try:
-                self.commit_at_once(tx_id, op, args)
-            except Refuse as refusal:
-                results.append(refusal)
-            else:
-                results.append(None)
-        return results
+        return _one_by_one(self.commit_at_once, branches)
 
     def commit(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
         self._decide(tx_id, commit=True)
@@ -315,15 +310,7 @@ class PostgresResource:
 
     def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]:
         """Each native branch is its own PREPARE TRANSACTION: they go one by one."""
-        results: list[Refuse | None] = []
-        for tx_id, op, args in branches:
-            try:
-                self.prepare(tx_id, op, args)
-            except Refuse as refusal:
-                results.append(refusal)
-            else:
-                results.append(None)
-        return results
+        return _one_by_one(self.prepare, branches)
 
     def finish_many(self, branches: Sequence[Finish]) -> None:
         for tx_id, _op, _args, commit in branches:
@@ -381,6 +368,18 @@ class PostgresResource:
             return True
 
         return self._with_conn(finish)
+
+    def _run_handler(
+        self, conn: _Conn, tx_id: str, op: OperationSpec, args: dict[str, Any]
+    ) -> None:
+        """The handler, then the commit marker, in ``conn``'s open transaction."""
+        timeout = sql.Literal(self._lock_timeout_ms)
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(timeout))
+        op.prepare(conn, args)
+        conn.execute(
+            "INSERT INTO twophase_commit_marker (participant, tx_id) VALUES (%s, %s)",
+            (self._participant, tx_id),
+        )
 
     def _rollback_plain(self, conn: _Conn) -> None:
         try:
