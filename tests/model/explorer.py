@@ -42,6 +42,7 @@ from schemas import messages as msg
 from schemas import records as rec
 from schemas import topology
 from schemas.codec import decode_message, encode, record_kind
+from tests.model.render import render
 
 COORDINATOR, COORDINATOR_QUEUE = "coordinator", topology.COORDINATOR_QUEUE
 CLIENT, STATUS_CLIENT = topology.client_queue("model"), topology.client_queue("model-status")
@@ -591,37 +592,3 @@ def random_walk(config: Config, seed: int, steps: int = 400) -> Result:
 def _failed(result: Result, problem: str, w: World) -> Result:
     result.problem, result.trace, result.notes = problem, render(w.trace), w.notes
     return result
-
-
-# ---- rendering --------------------------------------------------------------------------------
-
-
-def render(trace: Any) -> list[str]:
-    lines = []
-    while trace is not None:
-        trace, line = trace
-        if isinstance(line, tuple) and isinstance(line[-1], list):  # (label, effects)
-            line = f"{show(line[0])}  =>  {show(line[1])}"
-        lines.append(show(line))
-    return lines[::-1]
-
-
-def show(x: Any) -> str:
-    if isinstance(x, str):
-        return x
-    if isinstance(x, tuple | list):
-        text = ("" if isinstance(x, tuple) else ", ").join(map(show, x))
-        return text if isinstance(x, tuple) else f"[{text}]"
-    if isinstance(x, fx.Send):
-        return f"Send({x.queue.rsplit('.', 1)[-1]}: {show(x.message)})"
-    if isinstance(x, fx.Persist):
-        return f"Persist({show(x.record)}{', forced' if x.force else ''})"
-    if isinstance(x, msgspec.Struct):
-        shown = [(k, getattr(v, "value", v)) for k, v in msgspec.structs.asdict(x).items() if v]
-        return f"{type(x).__name__}({' '.join(f'{k}={v}' for k, v in shown if k in _SHOWN)})"
-    if isinstance(x, HistoryLoaded):
-        return f"HistoryLoaded({x.tx_id}: {show(x.records)})"
-    return type(x).__name__ if isinstance(x, CoordinatorRecovered | pc.Recovered) else repr(x)
-
-
-_SHOWN = {"tx_id", "participant", "vote", "outcome", "decision", "at_fault", "deadline_ms"}
