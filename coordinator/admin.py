@@ -53,12 +53,6 @@ class TxSummary:
 
 def summarize(tx_id: str, records: list[CoordinatorRecord]) -> TxSummary:
     begun = next((r for r in records if isinstance(r, TxBegun)), None)
-    if begun is not None and begun.one_phase:
-        raise HeuristicHazard(
-            f"cannot resolve {tx_id} as ABORT: it ran in one phase, so its only participant "
-            f"({begun.branches[0].participant}) may have committed without the coordinator "
-            "hearing it. Start the coordinator: it asks the participant and records its answer"
-        )
     participants = tuple(b.participant for b in begun.branches) if begun else ()
     manual = any(isinstance(r, ManualAction) for r in records)
     decision = logged_decision(records)

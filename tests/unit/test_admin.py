@@ -125,6 +125,14 @@ def test_list_summarizes_every_state_and_in_doubt_keeps_the_unfinished(
     assert sorted(s.tx_id for s in in_doubt) == ["tx-committing", "tx-undecided"]
 
 
+def test_list_shows_one_phase_transactions_like_any_other(decision_log: DecisionLog) -> None:
+    one_phase = msgspec.structs.replace(begun("tx-one-phase", "bank-a"), one_phase=True)
+    decision_log.append([one_phase])
+    found = {s.tx_id: s for s in coordinator_admin.list_transactions(decision_log)}
+    assert found["tx-one-phase"].state == "undecided"
+    assert found["tx-one-phase"].participants == ("bank-a",)
+
+
 def test_cli_list_and_list_in_doubt(
     decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
