@@ -388,8 +388,10 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
     ) -> list[Refuse | None]:
         """Prepare the branches; a resource that can commits one-phase branches at once."""
         refusals: list[Refuse | None] = [None] * len(known)
-        direct = [i for i, (e, _) in enumerate(known) if e.one_phase and self._commits_directly]
-        staged = sorted(set(range(len(known))) - set(direct))
+        direct: list[int] = []
+        staged: list[int] = []
+        for i, (effect, _spec) in enumerate(known):
+            (direct if effect.one_phase and self._commits_directly else staged).append(i)
         for indexes, run in ((staged, self._prepare_many), (direct, self._commit_at_once_many)):
             if indexes:
                 branches = [(known[i][0].tx_id, known[i][1], known[i][0].args) for i in indexes]

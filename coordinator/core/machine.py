@@ -282,9 +282,7 @@ class CoordinatorCore:
 
     def _ask(self, tx: Transaction, now_ms: int) -> list[Effect]:
         effects: list[Effect] = [self._one_phase_abort(tx, p) for p in tx.participants]
-        effects.append(StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms))
-        tx.resend_delay_ms = min(tx.resend_delay_ms * 2, self.settings.resend_max_ms)
-        return effects
+        return [*effects, self._next_resend_timer(tx, now_ms)]
 
     def _one_phase_abort(self, tx: Transaction, participant: str) -> Send:
         abort = Abort(
@@ -399,9 +397,13 @@ class CoordinatorCore:
             )
             for p in sorted(tx.awaiting_ack)
         ]
-        effects.append(StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms))
+        return [*effects, self._next_resend_timer(tx, now_ms)]
+
+    def _next_resend_timer(self, tx: Transaction, now_ms: int) -> StartTimer:
+        """The next re-send, after the current delay; the delay doubles up to the maximum."""
+        timer = StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms)
         tx.resend_delay_ms = min(tx.resend_delay_ms * 2, self.settings.resend_max_ms)
-        return effects
+        return timer
 
     def _first_resend_timer(self, tx: Transaction, now_ms: int) -> StartTimer:
         return StartTimer((RESEND_TIMER, tx.tx_id), now_ms + tx.resend_delay_ms)

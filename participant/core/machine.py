@@ -159,8 +159,7 @@ class ParticipantCore:
             # for a branch that committed here and was forgotten since (its log must not say
             # "aborted" now, and a re-sent COMMIT must still be ACKed).
             reason = f"PREPARE arrived {now_ms - prepare.deadline_ms} ms after its deadline"
-            vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason)
-            return [self._send(branch, vote)]
+            return [self._vote(branch, VoteKind.NO, reason)]
         self.branches[branch.tx_id] = branch
         branch.state = BranchState.EXECUTING
         branch.one_phase = prepare.one_phase
@@ -193,13 +192,15 @@ class ParticipantCore:
         )
         return [
             Persist(record, force=True),  # write-ahead rule 1
-            self._send(branch, Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.YES)),
+            self._vote(branch, VoteKind.YES),
             StartTimer(_inquire_key(branch), branch.deadline_ms + branch.inquire_delay_ms),
         ]
 
     def _refuse(self, branch: BranchInfo, reason: str) -> list[Effect]:
-        vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason)
-        return [*self._finish(branch, Decision.ABORT, reason), self._send(branch, vote)]
+        return [
+            *self._finish(branch, Decision.ABORT, reason),
+            self._vote(branch, VoteKind.NO, reason),
+        ]
 
     def _abort_while_executing(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         branch.abort_requested = True
@@ -243,7 +244,6 @@ class ParticipantCore:
         self.branches[branch.tx_id] = branch
         branch.state = BranchState.LOOKING_UP
         branch.traceparent = _traceparent(event)
-        branch.one_phase = True
         return [LookUpBranch(branch.tx_id)]
 
     def _history(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
@@ -272,26 +272,17 @@ class ParticipantCore:
     def _say_committed(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         return [self._vote(branch, VoteKind.COMMITTED)]
 
-    def _say_aborted(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
-        return [self._vote(branch, VoteKind.NO, "the transaction was already aborted here")]
-
     def _vote(self, branch: BranchInfo, kind: VoteKind, reason: str = "") -> Send:
         return self._send(
             branch, Vote(tx_id=branch.tx_id, participant=self.name, vote=kind, reason=reason)
         )
 
     def _vote_again(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
-        """A duplicate PREPARE: the coordinator may have missed the vote, so repeat it."""
+        """A duplicate PREPARE, or the one-phase question to an aborted branch: the coordinator
+        may have missed the vote, so repeat it."""
         if branch.state is BranchState.PREPARED:
-            vote = Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.YES)
-            return [self._send(branch, vote)]
-        reason = "the transaction was already aborted here"
-        return [
-            self._send(
-                branch,
-                Vote(tx_id=branch.tx_id, participant=self.name, vote=VoteKind.NO, reason=reason),
-            )
-        ]
+            return [self._vote(branch, VoteKind.YES)]
+        return [self._vote(branch, VoteKind.NO, "the transaction was already aborted here")]
 
     def _ack_again(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         return [self._send(branch, Ack(tx_id=branch.tx_id, participant=self.name))]
@@ -420,7 +411,7 @@ TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
     (E, ONE_PHASE_ABORT): P._abort_while_executing,  # answered when the handler is done
     (R, ONE_PHASE_ABORT): P._abort_and_answer,
     (C, ONE_PHASE_ABORT): P._say_committed,
-    (A, ONE_PHASE_ABORT): P._say_aborted,
+    (A, ONE_PHASE_ABORT): P._vote_again,  # NO
     (L, "BranchHistory"): P._history,
     # The question is only asked after the PREPARE's deadline: a PREPARE still on its way is
     # too late, and the look-up's tombstone will make it vote NO (or its deadline will).
