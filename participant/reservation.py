@@ -395,6 +395,11 @@ class ReservationResource:
                 sa.select(_reservations.c.operation).where(self._key(tx_id))
             ).scalar()
 
+    def probe(self) -> None:
+        """Return when the database answers; raise when it does not (outage checks)."""
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     def close(self) -> None:
         self._engine.dispose()
 

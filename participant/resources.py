@@ -78,6 +78,7 @@ class Resource(Protocol):
     def stored_operation(self, tx_id: str) -> str | None: ...
     def prepare_many(self, branches: Sequence[Branch]) -> list[Refuse | None]: ...
     def finish_many(self, branches: Sequence[Finish]) -> None: ...
+    def probe(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -315,6 +316,10 @@ class PostgresResource:
     def finish_many(self, branches: Sequence[Finish]) -> None:
         for tx_id, _op, _args, commit in branches:
             self._decide(tx_id, commit=commit)
+
+    def probe(self) -> None:
+        """Return when the database answers; raise when it does not (outage checks)."""
+        self._with_conn(lambda conn: conn.execute("SELECT 1"))
 
     def close(self) -> None:
         self._closed = True

@@ -264,6 +264,11 @@ class RecordLog:
         )
         metadata.create_all(engine, checkfirst=True)
 
+    def probe(self) -> None:
+        """Return when the log's database answers; raise when it does not (outage checks)."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     def append(self, rows: Sequence[LogRow]) -> None:
         """Write ``rows`` in one transaction; they are durable when this returns. On PostgreSQL
         the BEGIN, the INSERT and the COMMIT travel in one round trip."""
