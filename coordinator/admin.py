@@ -10,6 +10,8 @@ and only the coordinator's question to the participant (``Abort(one_phase)``) ca
 Committing a branch by hand is a heuristic decision taken at a participant
 (``twophase tx resolve --participant``). Every action is recorded as a ``ManualAction`` with its
 reason; one that contradicts the logged decision is refused and recorded as a hazard.
+A ``tx_id`` the log has no record of is refused unless forced: it is more likely a typo, or the
+wrong log, than a transaction, and resolving it would abort that ``tx_id``'s first real submit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class HeuristicHazard(Exception):
 
 class CoordinatorRunning(Exception):
     pass
+
+
+class UnknownTransaction(Exception):
+    """The log has no record of the ``tx_id``; nothing was changed (``force`` overrides)."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,12 @@ def resolve(
     *,
     coordinator_running: bool,
     operator: str | None = None,
+    force: bool = False,
 ) -> str:
-    """Resolve ``tx_id`` by hand; returns what was done, raises on a hazard or a refusal."""
+    """Resolve ``tx_id`` by hand; returns what was done, raises on a hazard or a refusal.
+
+    ``force`` resolves a ``tx_id`` the log has no record of; the ``ManualAction`` says so.
+    """
     if not reason.strip():
         raise ValueError("--reason is required: say why, it is recorded in the log")
     if coordinator_running:
@@ -106,6 +116,11 @@ def resolve(
         )
     who = operator or getpass.getuser()
     records = log.history([tx_id]).get(tx_id, [])
+    if not records and not force:
+        raise UnknownTransaction(
+            f"{tx_id} is unknown to the coordinator's log at {log.where}: check the tx_id and "
+            "--data-dir/--log-url, or add --force to resolve it all the same"
+        )
     logged = logged_decision(records)
     wanted = decision.value
     if logged is not None:
@@ -147,7 +162,12 @@ def resolve(
     participants = tuple(b.participant for b in begun.branches) if begun else ()
     log.append(
         [
-            ManualAction(tx_id=tx_id, action="abort", reason=reason, operator=who),
+            ManualAction(
+                tx_id=tx_id,
+                action="forced abort" if not records else "abort",
+                reason=reason,
+                operator=who,
+            ),
             TxAborted(
                 tx_id=tx_id,
                 reason=f"resolved by hand: {reason}",

@@ -10,8 +10,8 @@ TABLE = "twophase_coordinator_log"
 
 
 class DecisionLog(Journal[CoordinatorRecord]):
-    def __init__(self, url: str) -> None:
-        super().__init__(url, TABLE, decode_coordinator_record)
+    def __init__(self, url: str, *, must_exist: bool = False) -> None:
+        super().__init__(url, TABLE, decode_coordinator_record, must_exist=must_exist)
 
     def unfinished_transactions(self) -> dict[str, list[CoordinatorRecord]]:
         return self.unfinished(COORDINATOR_FINISHED_KINDS)

@@ -78,7 +78,24 @@ def resolve_branch(
     if not reason.strip():
         raise ValueError("--reason is required: say why, it is recorded in the log")
     who = operator or getpass.getuser()
-    log = PrepareLog(app.log_url, app.name)
+    # must_exist: opening a mistyped log would create it, and then find nothing in doubt there
+    log = PrepareLog(app.log_url, app.name, must_exist=True)
+    try:
+        return _resolve(app, log, tx_id, decision, reason, coordinator=coordinator, who=who)
+    finally:
+        log.close()
+
+
+def _resolve(
+    app: Participant,
+    log: PrepareLog,
+    tx_id: str,
+    decision: Decision,
+    reason: str,
+    *,
+    coordinator: CoordinatorView,
+    who: str,
+) -> str:
     records = log.history([tx_id]).get(tx_id, [])
     summary = summarize(tx_id, records)
     if summary.state != "in doubt":

@@ -21,8 +21,10 @@ def table_name(participant: str) -> str:
 
 
 class PrepareLog(Journal[ParticipantRecord]):
-    def __init__(self, url: str, participant: str) -> None:
-        super().__init__(url, table_name(participant), decode_participant_record)
+    def __init__(self, url: str, participant: str, *, must_exist: bool = False) -> None:
+        super().__init__(
+            url, table_name(participant), decode_participant_record, must_exist=must_exist
+        )
 
     def completed_since(self, since: float) -> list[BranchCompleted]:
         """COMPLETED records written since ``since`` (epoch seconds): recent "done" markers."""

@@ -1,11 +1,16 @@
-"""``twophase tx list | show | resolve``: the operator's view of both kinds of log."""
+"""``twophase tx list | show | resolve``: the operator's view of both kinds of log.
+
+Exit status: 0 done, 1 ``show`` found no record, 2 refused (a usage error, a missing log, a
+service that is running or whose state the broker cannot tell, an unknown ``tx_id``), 3 refused
+as a heuristic hazard. These tools never create a log: a wrong ``--data-dir`` must not look like
+an empty, healthy one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from schemas import topology
@@ -15,7 +20,9 @@ from twophase import config
 
 if TYPE_CHECKING:
     from participant.admin import CoordinatorView
+    from twophase.journal import Journal
 
+REFUSED_EXIT = 2
 HAZARD_EXIT = 3
 
 
@@ -49,6 +56,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--app", help="with --participant: module:object of the participant service")
     p.add_argument("--coordinator-log", help="the coordinator's log, to check a heuristic choice")
     p.add_argument("--amqp-url", help="RabbitMQ, to check that the service is stopped")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="resolve a tx_id the coordinator's log has no record of (recorded as forced)",
+    )
     p.set_defaults(run=_resolve)
 
 
@@ -62,38 +74,46 @@ def _when(epoch: float) -> str:
     ]
 
 
-def _list(args: argparse.Namespace) -> int:
+def _open_log(args: argparse.Namespace) -> Journal[Any]:
+    """The log to read; a missing one raises ``LogMissing`` (exit status 2), it is not created."""
     if args.participant:
-        from participant.admin import list_branches
         from participant.log import PrepareLog
 
-        for b in list_branches(
-            PrepareLog(_log_url(args), args.participant), in_doubt=args.in_doubt, limit=args.limit
-        ):
-            print(f"{b.tx_id}\t{b.state}\t{b.operation}" + ("\tmanual" if b.manual else ""))
-        return 0
-    from coordinator.admin import list_transactions
+        return PrepareLog(_log_url(args), args.participant, must_exist=True)
     from coordinator.log import DecisionLog
 
-    for t in list_transactions(
-        DecisionLog(_log_url(args)), in_doubt=args.in_doubt, limit=args.limit
-    ):
-        extra = f"\t{t.reason}" if t.reason else ""
-        print(f"{t.tx_id}\t{t.state}\t{','.join(t.participants)}{extra}")
-    return 0
+    return DecisionLog(_log_url(args), must_exist=True)
+
+
+def _list(args: argparse.Namespace) -> int:
+    log = _open_log(args)
+    try:
+        if args.participant:
+            from participant.admin import list_branches
+            from participant.log import PrepareLog
+
+            assert isinstance(log, PrepareLog)
+            for b in list_branches(log, in_doubt=args.in_doubt, limit=args.limit):
+                print(f"{b.tx_id}\t{b.state}\t{b.operation}" + ("\tmanual" if b.manual else ""))
+            return 0
+        from coordinator.admin import list_transactions
+        from coordinator.log import DecisionLog
+
+        assert isinstance(log, DecisionLog)
+        for t in list_transactions(log, in_doubt=args.in_doubt, limit=args.limit):
+            extra = f"\t{t.reason}" if t.reason else ""
+            print(f"{t.tx_id}\t{t.state}\t{','.join(t.participants)}{extra}")
+        return 0
+    finally:
+        log.close()
 
 
 def _show(args: argparse.Namespace) -> int:
-    if args.participant:
-        from participant.log import PrepareLog
-
-        timeline: list[tuple[float, Any]] = list(
-            PrepareLog(_log_url(args), args.participant).timeline(args.tx_id)
-        )
-    else:
-        from coordinator.log import DecisionLog
-
-        timeline = list(DecisionLog(_log_url(args)).timeline(args.tx_id))
+    log = _open_log(args)
+    try:
+        timeline = log.timeline(args.tx_id)
+    finally:
+        log.close()
     if not timeline:
         print(f"{args.tx_id}: no record (presumed abort, or pruned after the retention)")
         return 1
@@ -102,46 +122,76 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_running(args: argparse.Namespace, queue: str) -> bool:
-    """Whether a service consumes ``queue``; unknown (broker unreachable) counts as not."""
+def _refuse(message: str) -> int:
+    print(f"twophase tx resolve: {message}", file=sys.stderr)
+    return REFUSED_EXIT
+
+
+class _CannotTell(Exception):
+    """The broker could not say whether the service is running."""
+
+
+def _service_running(args: argparse.Namespace, queue: str, service: str) -> bool:
+    """Whether a service consumes ``queue``; raises :class:`_CannotTell` when the broker cannot
+    be asked. That is a refusal, not a go-ahead: resolving beside a running service that decides
+    the same transaction can log both outcomes."""
     from twophase.amqp import AmqpChannel, BrokerUnavailable
 
+    url = config.amqp_url(args.amqp_url)
+    hint = "; point --amqp-url (or TWOPHASE_AMQP_URL) at the broker the service uses"
     try:
-        channel = AmqpChannel(config.amqp_url(args.amqp_url), connection_name="twophase-admin")
+        channel = AmqpChannel(url, connection_name="twophase-admin")
     except BrokerUnavailable as exc:
-        print(f"warning: cannot check whether the service is running: {exc}", file=sys.stderr)
-        return False
+        raise _CannotTell(f"cannot tell whether {service} is running: {exc}{hint}") from exc
     try:
         counts = channel.queue_counts(queue)
+    except Exception as exc:  # whatever stopped the answer, "unknown" refuses: the safe side
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _CannotTell(f"cannot tell whether {service} is running: {reason}{hint}") from exc
     finally:
         channel.close()
+    # no such queue: the service has never run against this broker
     return counts is not None and counts[1] > 0
 
 
 def _resolve(args: argparse.Namespace) -> int:
     decision = Decision.COMMIT if args.commit else Decision.ABORT
+    # checked here too so that a usage error needs neither the broker nor the log
+    if not args.reason.strip():
+        return _refuse("--reason is required: say why, it is recorded in the log")
     if args.participant:
         return _resolve_branch(args, decision)
-    from coordinator.admin import CoordinatorRunning, HeuristicHazard, resolve
+    from coordinator.admin import (
+        CoordinatorRunning,
+        HeuristicHazard,
+        UnknownTransaction,
+        resolve,
+    )
     from coordinator.log import DecisionLog
 
-    running = _service_running(args, topology.COORDINATOR_QUEUE)
+    try:
+        running = _service_running(args, topology.COORDINATOR_QUEUE, "the coordinator")
+    except _CannotTell as exc:
+        return _refuse(str(exc))
+    log = DecisionLog(_log_url(args), must_exist=True)
     try:
         print(
             resolve(
-                DecisionLog(_log_url(args)),
+                log,
                 args.tx_id,
                 decision,
                 args.reason,
                 coordinator_running=running,
+                force=args.force,
             )
         )
     except HeuristicHazard as exc:
         print(str(exc), file=sys.stderr)
         return HAZARD_EXIT
-    except (CoordinatorRunning, ValueError) as exc:
-        print(f"twophase tx resolve: {exc}", file=sys.stderr)
-        return 2
+    except (CoordinatorRunning, UnknownTransaction, ValueError) as exc:
+        return _refuse(str(exc))
+    finally:
+        log.close()
     return 0
 
 
@@ -150,18 +200,18 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
     from twophase.cli import load_app
 
     if not args.app:
-        print("twophase tx resolve: --participant needs --app module:object", file=sys.stderr)
-        return 2
-    if _service_running(args, topology.participant_queue(args.participant)):
-        print(f"twophase tx resolve: {args.participant} is running; stop it first", file=sys.stderr)
-        return 2
+        return _refuse("--participant needs --app module:object")
+    if args.force:
+        # a branch its log never prepared has nothing to commit or roll back
+        return _refuse("--force applies to the coordinator's log only, not with --participant")
     app = load_app(args.app)
     if app.name != args.participant:
-        print(
-            f"twophase tx resolve: --app gives participant {app.name!r}, not {args.participant!r}",
-            file=sys.stderr,
-        )
-        return 2
+        return _refuse(f"--app gives participant {app.name!r}, not {args.participant!r}")
+    try:
+        if _service_running(args, topology.participant_queue(app.name), app.name):
+            return _refuse(f"{app.name} is running; stop it first")
+    except _CannotTell as exc:
+        return _refuse(str(exc))
     if args.log_url or args.data_dir:
         app.log_url = _log_url(args)
     try:
@@ -174,8 +224,7 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
         print(str(exc), file=sys.stderr)
         return HAZARD_EXIT
     except ValueError as exc:
-        print(f"twophase tx resolve: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(str(exc))
     return 0
 
 
@@ -188,24 +237,15 @@ def _coordinator_view(args: argparse.Namespace) -> CoordinatorView:
     # Not config.log_url: TWOPHASE_LOG_URL names this participant's own log in its environment.
     url = args.coordinator_log or str(config.data_dir(args.data_dir) / "coordinator.log.db")
     try:
-        if _missing_sqlite_file(url):
-            return "unknown"  # opening it would create an empty log that "says" presumed abort
-        records = DecisionLog(url).history([args.tx_id]).get(args.tx_id, [])
+        # must_exist: a log created here would be empty, and an empty log "says" presumed abort
+        log = DecisionLog(url, must_exist=True)
     except ConfigurationError:
         return "unknown"
+    try:
+        records = log.history([args.tx_id]).get(args.tx_id, [])
+    finally:
+        log.close()
     logged = logged_decision(records)
     if logged is None:
         return None
     return Decision.COMMIT if isinstance(logged, TxCommitting) else Decision.ABORT
-
-
-def _missing_sqlite_file(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-
-    from twophase.store import database_url
-
-    parsed = make_url(database_url(url))
-    database = parsed.database or ""
-    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
-        return False
-    return not database.startswith("file:") and not Path(database).exists()

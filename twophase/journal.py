@@ -9,15 +9,22 @@ import msgspec
 import sqlalchemy as sa
 
 from schemas.codec import encode, record_kind
-from twophase.store import LogRow, RecordLog, check_connection, make_engine
+from twophase.store import LogRow, RecordLog, check_connection, make_engine, open_existing
 
 R = TypeVar("R", bound=msgspec.Struct)
 
 
 class Journal(Generic[R]):
-    def __init__(self, url: str, table: str, decode: Callable[[bytes], R]) -> None:
-        engine = make_engine(url)
-        check_connection(engine)
+    def __init__(
+        self, url: str, table: str, decode: Callable[[bytes], R], *, must_exist: bool = False
+    ) -> None:
+        """Open the log at ``url``, creating it unless ``must_exist`` (then a missing log raises
+        :class:`~twophase.store.LogMissing`: operators read logs, services write them)."""
+        if must_exist:
+            engine = open_existing(url, table)
+        else:
+            engine = make_engine(url)
+            check_connection(engine)
         self.url = url
         self.log = RecordLog(engine, table)
         self._decode = decode
@@ -46,6 +53,14 @@ class Journal(Generic[R]):
 
     def _decoded(self, grouped: dict[str, list[LogRow]]) -> dict[str, list[R]]:
         return {tx: [self._decode(row.body) for row in rows] for tx, rows in grouped.items()}
+
+    @property
+    def where(self) -> str:
+        """The log's database for messages: its file, or its URL without the password."""
+        url = self.log.engine.url
+        if url.get_backend_name() == "sqlite" and url.database:
+            return url.database
+        return url.render_as_string(hide_password=True)
 
     @property
     def flushes(self) -> int:

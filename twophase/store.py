@@ -203,6 +203,42 @@ def check_connection(engine: Engine) -> None:
         ) from exc
 
 
+class LogMissing(ConfigurationError):
+    """The log asked for does not exist (see :func:`open_existing`)."""
+
+
+def open_existing(url: str, table: str) -> Engine:
+    """An engine on ``url`` where ``table`` already exists; creates no file, directory or table.
+
+    For readers such as ``twophase tx``: :func:`make_engine` and :class:`RecordLog` create what
+    is missing, so a mistyped path would read as an empty log, which is a false all-clear.
+    """
+    parsed = make_url(database_url(url))
+    database = parsed.database or ""
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and database not in ("", ":memory:")
+        and not database.startswith("file:")
+        and not Path(database).expanduser().is_file()
+    ):
+        raise LogMissing(f"no log at {database}: the file does not exist")
+    engine = make_engine(url)
+    try:
+        check_connection(engine)
+        try:
+            found = sa.inspect(engine).has_table(table)
+        except sa.exc.SQLAlchemyError as exc:
+            raise ConfigurationError(
+                f"cannot read database {_redacted(engine.url)}: {_first_line(exc)}"
+            ) from exc
+        if not found:
+            raise LogMissing(f"no log in {_redacted(engine.url)}: table {table} does not exist")
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
 @dataclass(frozen=True)
 class LogRow:
     """One durable record: ``seq`` and ``written_at`` are filled in by the log."""

@@ -1,9 +1,12 @@
-"""Operator tools on the logs, without a broker: ``coordinator.admin``, ``participant.admin`` and
+"""Operator tools on the logs: ``coordinator.admin``, ``participant.admin`` and
 ``twophase tx list | show | resolve`` (exit status 0 done, 1 no record, 2 refused as a usage or
 safety error, 3 heuristic hazard).
 
-The logs are SQLite files in ``tmp_path``. The CLI's "is the service running?" check is pointed at
-a port where no broker listens, so it warns and proceeds, as it does when RabbitMQ is down.
+The logs are SQLite files in ``tmp_path``. ``resolve`` asks the broker whether the service is
+running and refuses when it cannot tell, so the CLI's resolutions get a fresh virtual host on the
+real broker (``amqp_url``), where no service consumes; refusals that come before that check are
+pointed at a port where no broker listens. Missing logs, an unreachable broker and unknown tx ids
+are in test_admin_refusals.py.
 """
 
 from __future__ import annotations
@@ -171,7 +174,10 @@ def test_cli_show_prints_the_timeline_in_order(
 
 
 def test_resolve_abort_of_an_undecided_transaction_records_who_why_and_the_abort(
-    decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    decision_log: DecisionLog,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     before = records_of(decision_log, "tx-undecided")
     code, out, err = cli(
@@ -185,11 +191,10 @@ def test_resolve_abort_of_an_undecided_transaction_records_who_why_and_the_abort
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == 0, err
     assert "tx-undecided resolved ABORT" in out
-    assert "warning: cannot check whether the service is running" in err
     added = records_of(decision_log, "tx-undecided")[len(before) :]
     assert [type(r) for r in added] == [ManualAction, TxAborted]
     manual, aborted = added
@@ -222,6 +227,7 @@ def test_resolve_contradicting_the_logged_decision_is_a_recorded_hazard(
     decision_log: DecisionLog,
     data_dir: Path,
     capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
     tx_id: str,
     flag: str,
     logged: str,
@@ -239,7 +245,7 @@ def test_resolve_contradicting_the_logged_decision_is_a_recorded_hazard(
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == HAZARD
     assert out == ""
@@ -256,7 +262,10 @@ def test_resolve_contradicting_the_logged_decision_is_a_recorded_hazard(
 
 
 def test_resolve_commit_without_a_logged_decision_is_refused_and_changes_nothing(
-    decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    decision_log: DecisionLog,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     before = records_of(decision_log, "tx-undecided")
     code, out, err = cli(
@@ -270,33 +279,37 @@ def test_resolve_commit_without_a_logged_decision_is_refused_and_changes_nothing
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == HAZARD
     assert out == ""
     assert "cannot resolve tx-undecided as COMMIT" in err
     assert "--participant" in err  # says what to do instead
     assert records_of(decision_log, "tx-undecided") == before
-    # a transaction the log has never seen is the same: presumed abort
+    # a transaction the log has never seen is the same, once forced past the unknown-id check
     code, _, err = cli(
         capsys,
         "tx",
         "resolve",
         "tx-never-seen",
         "--commit",
+        "--force",
         "--reason",
         "why not",
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == HAZARD
     assert records_of(decision_log, "tx-never-seen") == []
 
 
 def test_resolve_abort_of_an_undecided_one_phase_transaction_is_refused(
-    decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    decision_log: DecisionLog,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     """Its only branch may have committed unheard: only the coordinator's question can tell."""
     one_phase = msgspec.structs.replace(begun("tx-one-phase", "bank-a"), one_phase=True)
@@ -312,7 +325,7 @@ def test_resolve_abort_of_an_undecided_one_phase_transaction_is_refused(
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == HAZARD
     assert out == ""
@@ -321,7 +334,10 @@ def test_resolve_abort_of_an_undecided_one_phase_transaction_is_refused(
 
 
 def test_resolve_that_agrees_with_the_log_is_recorded_as_a_confirmation(
-    decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
+    decision_log: DecisionLog,
+    data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     code, out, _ = cli(
         capsys,
@@ -334,7 +350,7 @@ def test_resolve_that_agrees_with_the_log_is_recorded_as_a_confirmation(
         "--data-dir",
         str(data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
     )
     assert code == 0
     assert "already decided ABORT; confirmation recorded" in out
@@ -471,7 +487,11 @@ def prepared(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def resolve_branch_cli(
-    capsys: pytest.CaptureFixture[str], prepared: PreparedBank, flag: str, *extra: str
+    capsys: pytest.CaptureFixture[str],
+    prepared: PreparedBank,
+    amqp_url: str,
+    flag: str,
+    *extra: str,
 ) -> tuple[int, str, str]:
     return cli(
         capsys,
@@ -488,7 +508,7 @@ def resolve_branch_cli(
         "--data-dir",
         str(prepared.data_dir),
         "--amqp-url",
-        NO_BROKER,
+        amqp_url,
         *extra,
     )
 
@@ -513,14 +533,15 @@ def test_participant_list_and_show(
 
 
 def test_heuristic_commit_agreeing_with_the_coordinator_applies_the_hold(
-    prepared: PreparedBank, capsys: pytest.CaptureFixture[str]
+    prepared: PreparedBank,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     prepared.coordinator_says(begun("tx-p", BANK), TxCommitting(tx_id="tx-p", participants=(BANK,)))
     assert prepared.balance() == (100, 30)
-    code, out, err = resolve_branch_cli(capsys, prepared, "--commit")
+    code, out, err = resolve_branch_cli(capsys, prepared, amqp_url, "--commit")
     assert code == 0, err
     assert "tx-p at bank-x resolved COMMIT" in out and "hazard" not in out
-    assert "warning: cannot check whether the service is running" in err
     assert prepared.balance() == (70, 0)  # the hold was applied, exactly once
     assert prepared.reservation_state("tx-p") == "committed"
     added = prepared.records()[1:]
@@ -533,17 +554,19 @@ def test_heuristic_commit_agreeing_with_the_coordinator_applies_the_hold(
     assert completed.reason == "resolved by hand: coordinator unreachable for hours; ticket 7"
     assert participant_admin.summarize("tx-p", prepared.records()).state == "committed"
     # it is no longer in doubt: resolving it again is refused as a usage error
-    code, _, err = resolve_branch_cli(capsys, prepared, "--commit")
+    code, _, err = resolve_branch_cli(capsys, prepared, amqp_url, "--commit")
     assert code == 2
     assert "not in doubt at bank-x (it is committed)" in err and "Traceback" not in err
     assert prepared.balance() == (70, 0)
 
 
 def test_heuristic_abort_with_no_coordinator_decision_releases_the_hold(
-    prepared: PreparedBank, capsys: pytest.CaptureFixture[str]
+    prepared: PreparedBank,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     prepared.coordinator_says(begun("tx-p", BANK))  # begun, never decided: presumed abort
-    code, out, err = resolve_branch_cli(capsys, prepared, "--abort")
+    code, out, err = resolve_branch_cli(capsys, prepared, amqp_url, "--abort")
     assert code == 0, err
     assert "resolved ABORT" in out
     assert prepared.balance() == (100, 0)
@@ -564,6 +587,7 @@ def test_heuristic_abort_with_no_coordinator_decision_releases_the_hold(
 def test_heuristic_decision_contradicting_the_coordinator_is_refused_and_recorded(
     prepared: PreparedBank,
     capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
     coordinator: str,
     flag: str,
     said: str,
@@ -578,7 +602,7 @@ def test_heuristic_decision_contradicting_the_coordinator_is_refused_and_recorde
         )
     else:
         prepared.coordinator_says(begun("tx-other", BANK))  # a log that never saw tx-p
-    code, out, err = resolve_branch_cli(capsys, prepared, flag)
+    code, out, err = resolve_branch_cli(capsys, prepared, amqp_url, flag)
     assert code == HAZARD
     assert out == ""
     assert f"heuristic hazard: the coordinator's log says {said} for tx-p" in err
@@ -594,12 +618,12 @@ def test_heuristic_decision_contradicting_the_coordinator_is_refused_and_recorde
 
 
 def test_heuristic_decision_with_an_unreadable_coordinator_log_is_allowed_with_a_hazard(
-    prepared: PreparedBank, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    prepared: PreparedBank, capsys: pytest.CaptureFixture[str], amqp_url: str, tmp_path: Path
 ) -> None:
     garbage = tmp_path / "coordinator-garbage.db"
     garbage.write_bytes(b"this is not a database " * 64)
     code, out, err = resolve_branch_cli(
-        capsys, prepared, "--commit", "--coordinator-log", str(garbage)
+        capsys, prepared, amqp_url, "--commit", "--coordinator-log", str(garbage)
     )
     assert code == 0, err
     assert "resolved COMMIT (hazard recorded: the coordinator's decision could not be checked)" in (
@@ -613,12 +637,14 @@ def test_heuristic_decision_with_an_unreadable_coordinator_log_is_allowed_with_a
 
 
 def test_a_missing_coordinator_log_is_unknown_not_presumed_abort(
-    prepared: PreparedBank, capsys: pytest.CaptureFixture[str]
+    prepared: PreparedBank,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
 ) -> None:
     """An absent log says nothing: the abort is allowed, but only with a hazard recorded."""
     missing = Path(prepared.coordinator_log_url)
     assert not missing.exists()
-    code, out, err = resolve_branch_cli(capsys, prepared, "--abort")
+    code, out, err = resolve_branch_cli(capsys, prepared, amqp_url, "--abort")
     assert code == 0, err
     assert "hazard recorded: the coordinator's decision could not be checked" in out
     assert not missing.exists()  # not created (an empty log would "say" presumed abort)
@@ -629,10 +655,13 @@ def test_a_missing_coordinator_log_is_unknown_not_presumed_abort(
 
 
 def test_participant_resolve_refusals_are_usage_errors(
-    prepared: PreparedBank, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    prepared: PreparedBank,
+    capsys: pytest.CaptureFixture[str],
+    amqp_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base = ("tx", "resolve", "tx-p", "--commit", "--reason", "r", "--participant", BANK)
-    common = ("--data-dir", str(prepared.data_dir), "--amqp-url", NO_BROKER)
+    common = ("--data-dir", str(prepared.data_dir), "--amqp-url", amqp_url)
     code, _, err = cli(capsys, *base, *common)
     assert code == 2 and "--participant needs --app" in err
     monkeypatch.setenv("TWOPHASE_PARTICIPANT_NAME", "bank-y")
