@@ -22,13 +22,17 @@ from schemas import topology
 from schemas.effects import Send
 from schemas.messages import Prepare
 from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord, TxBegun
-from twophase import logs, tracing
+from schemas.validation import COORDINATOR_ACCEPTS, DEFAULT_LIMITS, Limits
+from twophase import logs, outages, tracing
 from twophase.amqp import AmqpChannel
 from twophase.driver import BatchDriver, now_ms
 from twophase.metrics import CoordinatorMetrics, MetricsServer
+from twophase.redaction import redact_url
 from twophase.store import ConfigurationError
 
 log = logging.getLogger("twophase.coordinator")
+
+_KNOWN_PARTICIPANTS_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class CoordinatorConfig:
     metrics_registry: CollectorRegistry | None = None
     #: a port that is taken is logged and skipped instead of failing (the implicit default)
     metrics_best_effort: bool = False
+    #: what inbound messages may be (every process of a deployment uses the same)
+    limits: Limits = DEFAULT_LIMITS
 
 
 class CoordinatorService(BatchDriver[CoordinatorRecord]):
@@ -63,16 +69,25 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
                 if not config.metrics_best_effort:
                     raise
                 log.warning("no metrics endpoint: %s", exc)
+        self.config = config
         journal = DecisionLog(config.log_url)
         channel = (config.channel_factory or AmqpChannel)(
             config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
         )
         channel.declare_queue(topology.COORDINATOR_QUEUE)
-        super().__init__(
-            channel, journal, queue=topology.COORDINATOR_QUEUE, max_batch=config.prefetch
-        )
         self.decision_log = journal
+        super().__init__(
+            channel,
+            journal,
+            queue=topology.COORDINATOR_QUEUE,
+            max_batch=config.prefetch,
+            limits=config.limits,
+            accepts=COORDINATOR_ACCEPTS,
+        )
         self.core = CoordinatorCore(config.settings, started_ms=now_ms())
+        #: participants that took part in a transaction: only these get metric series, so
+        #: heartbeats with made-up names cannot grow the metrics without bound
+        self.known_participants: set[str] = set()
         self._lookups: list[str] = []
         self.retention_s = config.retention_s
         self.every(60.0, self._collect_garbage)
@@ -86,6 +101,16 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
             self.every(0.5, self._refresh_metrics)
         self.observing = self.trace is not None or self.metrics is not None
         self.recover()
+
+    def dependencies(self) -> list[outages.Dependency]:
+        return [outages.Dependency("log", self.config.log_url, self.decision_log.log.probe)]
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        return self.config.metrics_registry
+
+    def reset(self) -> None:
+        self.core = CoordinatorCore(self.config.settings, started_ms=now_ms())
+        self._lookups = []
 
     def recover(self) -> None:
         """Rebuild the core from the log: COMMIT without END is re-sent; no decision aborts."""
@@ -141,10 +166,21 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         elif self.trace is not None:
             self.trace.on_incoming(event)
 
+    def on_effect(self, effect: Any, now: int) -> None:
+        super().on_effect(effect, now)
+        message = effect.message if isinstance(effect, Send) else None
+        known = self.known_participants
+        if isinstance(message, Prepare) and len(known) < _KNOWN_PARTICIPANTS_MAX:
+            known.add(message.participant)
+
     def _refresh_metrics(self, now: int) -> None:
         if self.metrics is not None:
             core = self.core
-            up = {p: core.participant_status(p, now) == "up" for p in list(core.liveness)}
+            up = {
+                p: core.participant_status(p, now) == "up"
+                for p in list(core.liveness)
+                if p in self.known_participants
+            }
             self.metrics.refresh(len(core.in_doubt()), up)
 
     def serve_forever(self) -> None:
@@ -167,5 +203,9 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
 
 def run_coordinator(config: CoordinatorConfig) -> None:
     service = CoordinatorService(config)
-    log.info("coordinator ready: queue %s, log %s", topology.COORDINATOR_QUEUE, config.log_url)
+    log.info(
+        "coordinator ready: consuming %s, log at %s",
+        topology.COORDINATOR_QUEUE,
+        redact_url(config.log_url),
+    )
     service.serve_forever()

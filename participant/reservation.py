@@ -200,6 +200,7 @@ class ReservationResource:
     """
 
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+        self.url = url
         parsed = sa.make_url(_sqlalchemy_url(url))
         if parsed.get_backend_name() == "postgresql":
             self._engine = pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))

@@ -45,7 +45,8 @@ from participant.operations import (
 from participant.resources import CommitsAtOnce, Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
-from twophase import config, logs, store, tracing
+from schemas.validation import DEFAULT_LIMITS, PARTICIPANT_ACCEPTS, Limits
+from twophase import config, logs, outages, store, tracing
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
 from twophase.driver import BatchDriver
@@ -107,6 +108,7 @@ class Participant:
         settings: ParticipantSettings | None = None,
         metrics_port: int | None = None,
         metrics_registry: CollectorRegistry | None = None,
+        limits: Limits | None = None,
     ) -> None:
         topology.participant_queue(name)  # validates the name
         self.name = name
@@ -120,6 +122,8 @@ class Participant:
         self.retention_s = retention_s
         self.prefetch = prefetch
         self.settings = settings or ParticipantSettings()
+        #: what inbound messages may be (every process of a deployment uses the same)
+        self.limits = limits or DEFAULT_LIMITS
         #: Prometheus endpoint (TWOPHASE_METRICS_PORT; 0, the default, serves none)
         self.metrics_port = config.metrics_port(metrics_port, 0)
         #: where the metrics are registered (default: the global registry); given one, the
@@ -192,8 +196,15 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         queue = topology.participant_queue(app.name)
         channel.declare_queue(queue)
         channel.declare_queue(topology.COORDINATOR_QUEUE)
-        super().__init__(channel, journal, queue=queue, max_batch=app.prefetch)
         self.prepare_log = journal
+        super().__init__(
+            channel,
+            journal,
+            queue=queue,
+            max_batch=app.prefetch,
+            limits=app.limits,
+            accepts=PARTICIPANT_ACCEPTS,
+        )
         self.core = ParticipantCore(app.name, app.settings)
         self.last_orphans: list[tuple[str, float]] = []
         #: the batch's one local transaction, when the resource and the log share a database
@@ -223,7 +234,29 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         if app.metrics_port:
             self.metrics_server = MetricsServer(app.metrics_port, app.metrics_registry)
 
+    def dependencies(self) -> list[outages.Dependency]:
+        found = [outages.Dependency("log", self.app.log_url, self.prepare_log.log.probe)]
+        probe = getattr(self.resource, "probe", None)  # a resource of an older design has none
+        if probe is not None:
+            url = str(getattr(self.resource, "url", type(self.resource).__name__))
+            found.append(outages.Dependency("resource", url, probe))
+        return found
+
+    def metrics_registry(self) -> CollectorRegistry | None:
+        return self.app.metrics_registry
+
+    def reset(self) -> None:
+        self._close_unit()
+        self.core = ParticipantCore(self.app.name, self.app.settings)
+        self._to_prepare, self._to_finish, self._lookups = [], [], []
+
     def serve_forever(self) -> None:
+        log.info(
+            "participant %s ready: consuming %s, %s",
+            self.app.name,
+            self.queue,
+            outages.describe(self.dependencies()),
+        )
         heartbeats = HeartbeatSender(
             self.app.name,
             self.app.heartbeat_interval_s,

@@ -44,3 +44,17 @@ def client_queue(client_id: str) -> str:
 def durable_queue_arguments() -> dict[str, object]:
     """Arguments every durable protocol queue is declared with (must match on every declare)."""
     return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-queue-type": "classic"}
+
+
+#: the dead-letter queue keeps at most this many messages / bytes; the oldest go first
+DEAD_LETTER_MAX_LENGTH = 100_000
+DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
+
+
+def dead_letter_queue_arguments() -> dict[str, object]:
+    """The dead-letter queue is bounded: a flood of bad messages must not fill the broker."""
+    return {
+        "x-max-length": DEAD_LETTER_MAX_LENGTH,
+        "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
+        "x-overflow": "drop-head",
+    }

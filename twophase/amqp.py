@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import takewhile
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -28,10 +27,19 @@ from schemas.topology import (
     DEAD_LETTER_QUEUE,
     ERROR_HEADER,
     EXCHANGE,
+    dead_letter_queue_arguments,
     durable_queue_arguments,
 )
+from twophase.redaction import redact_url
 
-__all__ = ["AmqpChannel", "BrokerUnavailable", "ConnectionLost", "Delivery", "PublishError"]
+__all__ = [
+    "AmqpChannel",
+    "BrokerUnavailable",
+    "ConnectionLost",
+    "Delivery",
+    "PublishError",
+    "PublishRefused",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,7 @@ HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
 _SETUP_TIMEOUT_SECONDS = 30.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
+_SHORTSTR_MAX = 255  # bytes of an AMQP short string: routing keys, queue names
 
 
 class BrokerUnavailable(Exception):
@@ -51,6 +60,11 @@ class BrokerUnavailable(Exception):
 
 class ConnectionLost(Exception):
     """The connection or channel died; call :meth:`AmqpChannel.reconnect`."""
+
+
+class PublishRefused(ValueError):
+    """This one publish cannot be sent (say, a routing key longer than AMQP allows); the
+    connection is fine."""
 
 
 class PublishError(Exception):
@@ -73,16 +87,6 @@ class Delivery:
     delivery_tag: int
     generation: int
     redelivered: bool
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 _PLAIN_CAUSES = {
@@ -151,6 +155,28 @@ def _enable_pipelined_confirms(
             raise pika.exceptions.AMQPChannelError("no Confirm.SelectOk from the broker")
         channel.connection.process_data_events(time_limit=remaining)
     return impl
+
+
+def _declare_dead_letter_queue(connection: Any) -> None:
+    """Declare the dead-letter queue with its bounds, on a channel of its own: a queue declared
+    earlier without them makes the broker refuse (and close that channel); it is then used as it
+    is, and the operator is told how to bound it."""
+    probe = connection.channel()
+    try:
+        probe.queue_declare(
+            DEAD_LETTER_QUEUE, durable=True, arguments=dead_letter_queue_arguments()
+        )
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: declared before with other arguments
+            raise
+        log.warning(
+            "the dead-letter queue %s exists without the bounds %s; bound it with a policy "
+            "(rabbitmqctl set_policy) or delete it so that it is declared again",
+            DEAD_LETTER_QUEUE,
+            dead_letter_queue_arguments(),
+        )
+        return
+    probe.close()
 
 
 def _coalesce_writes(connection: Any) -> bool:
@@ -222,7 +248,7 @@ class AmqpChannel:
             stop=tenacity.stop_after_attempt(max(1, attempts)),
             wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=2.0),
             retry=tenacity.retry_if_exception_type(_RETRYABLE),
-            before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
+            before_sleep=self._log_retry,
             reraise=True,
         )
         try:
@@ -234,6 +260,18 @@ class AmqpChannel:
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {redact_url(self._url)}: {_one_line(exc)}"
             ) from None
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.log(
+            logging.WARNING if state.attempt_number == 1 else logging.DEBUG,
+            "cannot reach RabbitMQ at %s (%s); retrying in %.1f s (attempt %d)",
+            redact_url(self._url),
+            _one_line(error) if error is not None else "?",
+            wait,
+            state.attempt_number,
+        )
 
     def _connect_once(self) -> None:
         params = pika.URLParameters(self._url)
@@ -257,7 +295,7 @@ class AmqpChannel:
             channel.basic_qos(prefetch_count=self._prefetch)
             channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
             channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-            channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+            _declare_dead_letter_queue(connection)
             channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
             for name, (durable, exclusive) in self._queues.items():
                 self._declare(channel, name, durable=durable, exclusive=exclusive)
@@ -419,6 +457,9 @@ class AmqpChannel:
         mandatory: bool = True,
     ) -> None:
         """Publish to EXCHANGE without waiting; see :meth:`wait_for_confirms`."""
+        if len(routing_key.encode()) > _SHORTSTR_MAX:
+            # pika would fail to frame it; that is this message's fault, not the connection's
+            raise PublishRefused(f"routing key of {len(routing_key.encode())} bytes (max 255)")
         mode = pika.DeliveryMode.Persistent if persistent else None
         props = pika.BasicProperties(headers=dict(headers or {}), delivery_mode=mode)
         self._publish(EXCHANGE, routing_key, body, props, mandatory)
@@ -505,20 +546,36 @@ class AmqpChannel:
         self._unacked -= tags
 
     def dead_letter(self, delivery: Delivery, reason: str, timeout: float = 30.0) -> None:
-        """Copy ``delivery`` to the dead-letter exchange, wait for its confirm, then ack it.
+        """Copy ``delivery`` to the dead-letter exchange, wait for its confirm, then ack it."""
+        self.dead_letter_many([(delivery, reason)], timeout)
+
+    def dead_letter_many(
+        self, rejected: Sequence[tuple[Delivery, str]], timeout: float = 30.0
+    ) -> None:
+        """Copy each delivery to the dead-letter exchange with its reason in ERROR_HEADER, wait
+        once for the confirms, then ack them.
 
         A delivery of an older generation is skipped: it is redelivered and dead-lettered again.
         """
-        if delivery.generation != self._generation:
+        seqs: list[tuple[int, Delivery]] = []
+        for delivery, reason in rejected:
+            if delivery.generation != self._generation:
+                continue
+            key = delivery.routing_key
+            headers = {**delivery.headers, ERROR_HEADER: reason[:1000], ORIGINAL_KEY_HEADER: key}
+            props = pika.BasicProperties(
+                headers=headers, delivery_mode=pika.DeliveryMode.Persistent
+            )
+            seqs.append(
+                (self._publish(DEAD_LETTER_EXCHANGE, key, delivery.body, props, True), delivery)
+            )
+        if not seqs:
             return
-        key = delivery.routing_key
-        headers = {**delivery.headers, ERROR_HEADER: reason[:1000], ORIGINAL_KEY_HEADER: key}
-        props = pika.BasicProperties(headers=headers, delivery_mode=pika.DeliveryMode.Persistent)
-        seq = self._publish(DEAD_LETTER_EXCHANGE, key, delivery.body, props, True)
-        self._wait_until(lambda: seq not in self._outstanding, timeout)
-        if seq in self._failed:
-            raise PublishError([self._failed.pop(seq)])
-        self.ack([delivery])
+        self._wait_until(lambda: all(seq not in self._outstanding for seq, _ in seqs), timeout)
+        failed = [self._failed.pop(seq) for seq, _ in seqs if seq in self._failed]
+        if failed:  # no dead-letter queue bound (deleted by hand): the message is bad either way
+            log.error("the dead-letter exchange refused %d rejected messages; dropped", len(failed))
+        self.ack([delivery for _, delivery in seqs])
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the owning thread in its next poll/wait (callable from any thread)."""

@@ -18,13 +18,14 @@ the unacked deliveries come back redelivered.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import heapq
 import logging
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -43,17 +44,28 @@ from schemas.effects import (
     TimerFired,
     TimerKey,
 )
-from schemas.messages import Envelope, Enveloped
+from schemas.messages import Envelope, Enveloped, Message
 from schemas.topology import TRACEPARENT_HEADER
-from twophase import logs, selfstats
-from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError
+from schemas.validation import (
+    DEFAULT_LIMITS,
+    ENVELOPE_MAX,
+    InvalidMessage,
+    Limits,
+    check,
+    size_problem,
+    traceparent_or_empty,
+)
+from twophase import logs, outages, selfstats
+from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError, PublishRefused
 from twophase.crashpoints import crashpoint
 from twophase.journal import Journal
 
 log = logging.getLogger("twophase.driver")
 
-#: at most this many protocol messages travel in one envelope
-ENVELOPE_MAX = 256
+#: a message whose handling raised this many times is dead-lettered as poison
+POISON_ATTEMPTS = 3
+#: how many suspect messages are remembered (by digest) at most
+_SUSPECTS_MAX = 10_000
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -104,6 +116,8 @@ class DriverStats:
     dead_lettered: int = 0
     protocol_violations: int = 0
     reconnects: int = 0
+    #: in-process restarts: the core rebuilt from the log after an outage or a failed batch
+    restarts: int = 0
     #: nanoseconds of turns spent in each step (what ``twophase bench`` reports per process)
     handle_ns: int = 0
     flush_ns: int = 0
@@ -130,12 +144,17 @@ class BatchDriver(ABC, Generic[R]):
         queue: str,
         max_batch: int = 256,
         idle_poll_s: float = 0.2,
+        limits: Limits = DEFAULT_LIMITS,
+        accepts: tuple[type[Any], ...] | None = None,
     ) -> None:
         self.channel = channel
         self.journal = journal
         self.queue = queue
         self.max_batch = max_batch
         self.idle_poll_s = idle_poll_s
+        self.limits = limits
+        #: the protocol message types this driver's queue takes (None: any)
+        self.accepts = accepts
         self.timers = Timers()
         self.stats = DriverStats()
         self._stop = threading.Event()
@@ -143,11 +162,23 @@ class BatchDriver(ABC, Generic[R]):
         self._sends: list[Send] = []
         self._injected: deque[Any] = deque()
         self._chores: list[_Chore] = []
+        #: digest of a delivery whose handling raised -> (times, the last error)
+        self._suspects: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
+        #: suspects held back, to be handled one per batch (so that the culprit is found)
+        self._held: deque[Delivery] = deque()
+        self._batch: list[Delivery] = []
+        #: the delivery whose message the core is handling (None: a timer, a derived event)
+        self._handling: Delivery | None = None
         #: set by a side that traces or counts: the observation hooks below are called
         self.observing = False
         #: the side's span bookkeeping (twophase.tracing) and metrics (twophase.metrics), if on
         self.trace: Any = None
         self.metrics: Any = None
+        self.watch = outages.DependencyWatch(
+            self.side, self.dependencies(), self.metrics_registry()
+        )
+        self._rejections: dict[str, int] = {}
+        self.every(10.0, self._report_rejections)
         stats_file = os.environ.get(selfstats.ENV)
         if stats_file:
             self.every(0.5, lambda _now: selfstats.write(stats_file, self.counters()))
@@ -168,6 +199,20 @@ class BatchDriver(ABC, Generic[R]):
 
     def forget(self, tx_id: str) -> None:
         """The core dropped ``tx_id``."""
+
+    def dependencies(self) -> list[outages.Dependency]:
+        """The databases this side needs (RabbitMQ is watched by the channel itself)."""
+        return []
+
+    def metrics_registry(self) -> Any:
+        """Where ``twophase_dependency_up`` is registered (None: the global registry)."""
+        return None
+
+    def reset(self) -> None:
+        """Drop every piece of in-memory state; :meth:`recover` rebuilds it from the log."""
+
+    def recover(self) -> None:
+        """Rebuild the core from the log (injects a ``Recovered`` event)."""
 
     def on_unroutable(self, send: Send) -> Iterable[Any]:
         log.warning(
@@ -254,21 +299,79 @@ class BatchDriver(ABC, Generic[R]):
         self.channel.consume(self.queue)
         while not self._stop.is_set():
             try:
-                self.turn()
-            except ConnectionLost as exc:
-                self._recover_connection(exc)
+                try:
+                    self.turn()
+                except ConnectionLost as exc:
+                    self._recover_connection(exc)
+            except Exception as exc:
+                self._after_failure(exc)
 
     def _recover_connection(self, exc: ConnectionLost) -> None:
         """Reconnect and re-publish the last batch's messages, as often as the broker bounces."""
         while True:
-            log.warning("connection to RabbitMQ lost (%s); reconnecting", exc)
+            log.warning("%s: connection to RabbitMQ lost (%s); reconnecting", self.side, exc)
             self.stats.reconnects += 1
             self.channel.reconnect()
             try:
                 self._republish()
+                log.warning("%s: connected to RabbitMQ again", self.side)
                 return
             except ConnectionLost as again:
                 exc = again
+
+    def _after_failure(self, exc: Exception) -> None:
+        """A batch failed: nothing of it left the process, so the process is treated as if it
+        had crashed at that point, without exiting. An outage is waited out; any other
+        exception makes the batch's messages suspects (the one being handled, if known). Then
+        the in-memory state is rebuilt from the log, as after a restart, and the broker
+        redelivers what was not acked; a suspect that keeps failing is dead-lettered."""
+        cause = outages.outage_cause(exc)
+        if cause is None:
+            self._suspect(exc)
+        else:
+            log.warning("%s: a batch failed on an outage (%s)", self.side, cause)
+        self._restart()
+
+    def _suspect(self, exc: Exception) -> None:
+        error = outages.one_line(exc)[:300]
+        culprits = [self._handling] if self._handling is not None else self._batch
+        log.error(
+            "%s: handling %d message(s) raised %s; they are retried at most %d times",
+            self.side,
+            len(culprits),
+            error,
+            POISON_ATTEMPTS,
+            exc_info=exc,
+        )
+        for delivery in culprits:
+            key = _digest(delivery)
+            times = self._suspects.pop(key, (0, ""))[0] + 1
+            self._suspects[key] = (times, error)
+        while len(self._suspects) > _SUSPECTS_MAX:
+            self._suspects.popitem(last=False)
+
+    def _restart(self) -> None:
+        """Rebuild the in-memory state from the log once every dependency answers."""
+        self.stats.restarts += 1
+        self._held.clear()
+        self._batch, self._handling = [], None
+        try:
+            for attempt in outages.retrying(until=self._stop, what=f"{self.side}: restarting"):
+                with attempt:
+                    self.watch.wait_until_up(self._stop)
+                    if self._stop.is_set():
+                        return
+                    self._records, self._sends = [], []
+                    self._injected.clear()
+                    self.timers = Timers()
+                    self.reset()
+                    self.channel.reconnect()
+                    self.recover()
+        except Exception:
+            if self._stop.is_set():
+                return
+            raise
+        log.info("%s: state rebuilt from the log; serving again", self.side)
 
     def turn(self) -> None:
         now = now_ms()
@@ -280,18 +383,24 @@ class BatchDriver(ABC, Generic[R]):
         )
         if self._injected:
             wait = 0.0
-        deliveries = self.channel.poll(wait, self.max_batch)
+        deliveries = self._take(wait)
+        self._batch = deliveries
         now = now_ms()
         self.periodic(now)
-        events: deque[Any] = deque(self._injected)
+        events: deque[tuple[Any, Delivery | None]] = deque((e, None) for e in self._injected)
         self._injected.clear()
         good: list[Delivery] = []
+        rejected: list[tuple[Delivery, str, str]] = []
         for delivery in deliveries:
-            decoded = self._decode(delivery)
-            if decoded is not None:
-                events.extend(decoded)
+            admitted = self._admit(delivery, now)
+            if isinstance(admitted, tuple):
+                rejected.append((delivery, *admitted))
+            else:
+                events.extend((event, delivery) for event in admitted)
                 good.append(delivery)
-        events.extend(TimerFired(key) for key in self.timers.due(now))
+        if rejected:
+            self._dead_letter(rejected)
+        events.extend((TimerFired(key), None) for key in self.timers.due(now))
         if not events:
             return
         stats = self.stats
@@ -316,34 +425,79 @@ class BatchDriver(ABC, Generic[R]):
         if good:
             crashpoint(f"{self.side}.after_ack")
         stats.ack_ns += time.perf_counter_ns() - published
+        if self._suspects:
+            for delivery in good:  # handled without raising: no longer suspect
+                self._suspects.pop(_digest(delivery), None)
         if self.observing:
             self.on_batch_end(len(deliveries))
 
-    def _decode(self, delivery: Delivery) -> list[Incoming] | None:
+    def _take(self, wait: float) -> list[Delivery]:
+        """The next batch: suspects of an earlier failure come one per batch, after the rest."""
+        if self._held:
+            return [self._held.popleft()]
+        deliveries = self.channel.poll(wait, self.max_batch)
+        if self._suspects and len(deliveries) > 1:
+            suspects = [d for d in deliveries if _digest(d) in self._suspects]
+            if suspects:
+                self._held.extend(suspects)
+                deliveries = [d for d in deliveries if _digest(d) not in self._suspects]
+                if not deliveries:
+                    deliveries = [self._held.popleft()]
+        return deliveries
+
+    def _admit(self, delivery: Delivery, now: int) -> list[Incoming] | tuple[str, str]:
+        """The delivery's events, or (category, reason) to dead-letter it with."""
+        problem = size_problem(len(delivery.body), self.limits)
+        if problem is not None:
+            return "oversized", problem
+        if self._suspects:
+            times, error = self._suspects.get(_digest(delivery), (0, ""))
+            if times >= POISON_ATTEMPTS:
+                return "poison", f"handling it raised {times} times, last: {error}"
         try:
-            message = decode_message(delivery.body)
+            message: Message = check(decode_message(delivery.body), now, self.limits, self.accepts)
         except DecodeError as exc:
-            reason = f"undecodable message: {exc.cause}"
-            log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
-            self.channel.dead_letter(delivery, reason)
-            self.stats.dead_lettered += 1
-            return None
+            return "undecodable", exc.cause
+        except InvalidMessage as exc:
+            return "invalid", str(exc)
         if isinstance(message, Envelope):
             return [Incoming(item.message, item.traceparent) for item in message.messages]
-        return [Incoming(message, delivery.headers.get(TRACEPARENT_HEADER, ""))]
+        traceparent = traceparent_or_empty(delivery.headers.get(TRACEPARENT_HEADER, ""))
+        return [Incoming(message, traceparent)]
 
-    def _run_events(self, events: deque[Any], now: int) -> None:
+    def _dead_letter(self, rejected: list[tuple[Delivery, str, str]]) -> None:
+        self.channel.dead_letter_many([(d, f"{category}: {why}") for d, category, why in rejected])
+        self.stats.dead_lettered += len(rejected)
+        for delivery, category, why in rejected:
+            self._rejections[category] = self._rejections.get(category, 0) + 1
+            log.debug("dead-lettered a message from %s: %s: %s", delivery.queue, category, why)
+            if self.metrics is not None:
+                self.metrics.dead_lettered(delivery.queue, category)
+
+    def _report_rejections(self, _now: int) -> None:
+        """One line per period for what was dead-lettered, not one per message: a flood of bad
+        messages must not become a flood of log lines."""
+        if self._rejections:
+            counts = ", ".join(
+                f"{n} {category}" for category, n in sorted(self._rejections.items())
+            )
+            log.warning("%s: dead-lettered messages from %s: %s", self.side, self.queue, counts)
+            self._rejections.clear()
+
+    def _run_events(self, events: deque[tuple[Any, Delivery | None]], now: int) -> None:
         observing = self.observing
         while events:
             while events:
-                event = events.popleft()
+                event, origin = events.popleft()
+                self._handling = origin
                 if observing:
                     self.on_incoming(event, now)
                 for effect in self.handle(event, now):
                     if observing:
                         self.on_effect(effect, now)
-                    events.extend(self._apply(effect, now))
-            events.extend(self.settle(now))
+                    events.extend((derived, origin) for derived in self._apply(effect, now))
+            self._handling = None
+            events.extend((event, None) for event in self.settle(now))
 
     def _apply(self, effect: Any, now: int) -> Iterable[Any]:
         if isinstance(effect, Persist):
@@ -407,20 +561,34 @@ class BatchDriver(ABC, Generic[R]):
         self._sends = []
 
     def _publish_to(self, queue: str, sends: list[Send]) -> None:
-        """One AMQP message per queue and batch: an envelope when there are several."""
-        self.stats.messages_out += 1
-        if len(sends) == 1:
-            send = sends[0]
-            self.channel.publish(queue, encode(send.message), headers=self.headers_for(send))
+        """One AMQP message per queue and batch: an envelope when there are several, split in
+        halves while it is larger than the receiver accepts."""
+        try:
+            if len(sends) == 1:
+                send = sends[0]
+                body = encode(send.message)
+                headers = self.headers_for(send)
+            else:
+                items = tuple(
+                    Enveloped(
+                        message=send.message,
+                        traceparent=(self.headers_for(send) or {}).get(TRACEPARENT_HEADER, ""),
+                    )
+                    for send in sends
+                )
+                body, headers = encode(Envelope(messages=items)), None
+                if len(body) > self.limits.max_message_bytes:
+                    half = len(sends) // 2
+                    self._publish_to(queue, sends[:half])
+                    self._publish_to(queue, sends[half:])
+                    return
+            self.channel.publish(queue, body, headers=headers)
+        except PublishRefused as exc:
+            log.warning("%s: cannot publish to %s (%s); dropped", self.side, queue[:80], exc)
+            for send in sends:
+                self._injected.extend(self.on_unroutable(send))
             return
-        items = tuple(
-            Enveloped(
-                message=send.message,
-                traceparent=(self.headers_for(send) or {}).get(TRACEPARENT_HEADER, ""),
-            )
-            for send in sends
-        )
-        self.channel.publish(queue, encode(Envelope(messages=items)))
+        self.stats.messages_out += 1
 
     def _republish(self) -> None:
         """After a reconnect: the last batch's messages may not have left; send them again."""
@@ -437,3 +605,10 @@ class BatchDriver(ABC, Generic[R]):
             self.run()
         finally:
             self.channel.close()
+
+
+def _digest(delivery: Delivery) -> bytes:
+    """Who a delivery is, across redeliveries (which get new delivery tags)."""
+    key = hashlib.blake2b(delivery.routing_key.encode(), digest_size=16)
+    key.update(delivery.body)
+    return key.digest()

@@ -136,12 +136,20 @@ class MemoryChannel:
                 self.acked += 1
 
     def dead_letter(self, delivery: Delivery, reason: str, timeout: float = 30.0) -> None:
-        headers = {**delivery.headers, ERROR_HEADER: reason[:1000]}
+        self.dead_letter_many([(delivery, reason)], timeout)
+
+    def dead_letter_many(
+        self, rejected: Sequence[tuple[Delivery, str]], timeout: float = 30.0
+    ) -> None:
+        self._check()
+        current = [(d, r) for d, r in rejected if d.generation == self.generation]
         with self.broker.lock:
-            self.broker.queues[DEAD_LETTER_QUEUE].append(
-                _Message(delivery.body, headers, delivery.routing_key)
-            )
-        self.ack([delivery])
+            for delivery, reason in current:
+                headers = {**delivery.headers, ERROR_HEADER: reason[:1000]}
+                self.broker.queues[DEAD_LETTER_QUEUE].append(
+                    _Message(delivery.body, headers, delivery.routing_key)
+                )
+        self.ack([d for d, _ in current])
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
         fn()

@@ -19,6 +19,9 @@ Participant (labelled ``participant``)
     ``twophase_participant_oldest_prepared_seconds``  age of the oldest of them
     ``twophase_votes_total{vote}``                    votes sent, by result
 Both (labelled ``service``)
+    ``twophase_dead_letters_total{queue,reason}``     messages dead-lettered (reason: oversized,
+                                                      undecodable, invalid, poison)
+    ``twophase_dependency_up{dependency}``            0 during an outage (twophase.outages)
     ``twophase_batch_messages``                       deliveries per batch (histogram)
     ``twophase_log_flushes_total``, ``twophase_log_records_total``,
     ``twophase_log_flush_seconds``                    group commits of the log
@@ -69,6 +72,7 @@ class _Families:
     flushes: Counter
     records: Counter
     flush_seconds: Histogram
+    dead_letters: Counter
 
 
 _families_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = (
@@ -144,6 +148,13 @@ def families(registry: CollectorRegistry | None = None) -> _Families:
                 buckets=_FLUSH_BUCKETS,
                 registry=r,
             ),
+            dead_letters=Counter(
+                "twophase_dead_letters",
+                "Messages dead-lettered, by the queue they arrived on and why: oversized, "
+                "undecodable, invalid or poison",
+                ["queue", "reason"],
+                registry=r,
+            ),
         )
         _families_by_registry[registry] = found
     return found
@@ -179,6 +190,7 @@ class _BatchMetrics:
         self._flushes = f.flushes.labels(service=service)
         self._records = f.records.labels(service=service)
         self._flush_seconds = f.flush_seconds.labels(service=service)
+        self._dead_letters = f.dead_letters
 
     def on_flushed(self, records: Sequence[Any], started_ns: int) -> None:
         self._flushes.inc()
@@ -188,6 +200,10 @@ class _BatchMetrics:
     def on_batch_end(self, messages: int) -> None:
         if messages:
             self._batch.observe(messages)
+
+    def dead_lettered(self, queue: str, reason: str) -> None:
+        """``queue`` is this service's own and ``reason`` one of a few words: bounded labels."""
+        self._dead_letters.labels(queue=queue, reason=reason).inc()
 
 
 class CoordinatorMetrics(_BatchMetrics):

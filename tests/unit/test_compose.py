@@ -351,8 +351,8 @@ def test_queues_match_the_topology() -> None:
     for queue in queues.values():
         assert queue["durable"] is True and queue["auto_delete"] is False, queue["name"]
         assert not queue["name"].startswith(topology.CLIENT_QUEUE_PREFIX)
-    # twophase/amqp.py declares the dead-letter queue without arguments, the others with these.
-    assert queues[topology.DEAD_LETTER_QUEUE]["arguments"] == {}
+    # twophase/amqp.py declares the dead-letter queue bounded, the others with these.
+    assert queues[topology.DEAD_LETTER_QUEUE]["arguments"] == topology.dead_letter_queue_arguments()
     for name in queues.keys() - {topology.DEAD_LETTER_QUEUE}:
         assert queues[name]["arguments"] == topology.durable_queue_arguments(), name
 
