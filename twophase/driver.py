@@ -298,13 +298,18 @@ class BatchDriver(ABC, Generic[R]):
     def run(self) -> None:
         self.channel.consume(self.queue)
         while not self._stop.is_set():
+            self.step()
+
+    def step(self) -> None:
+        """One turn of the loop; a failure is dealt with here, as the service deals with it
+        (tests step a driver with this, or with :meth:`turn` to see the failure itself)."""
+        try:
             try:
-                try:
-                    self.turn()
-                except ConnectionLost as exc:
-                    self._recover_connection(exc)
-            except Exception as exc:
-                self._after_failure(exc)
+                self.turn()
+            except ConnectionLost as exc:
+                self._recover_connection(exc)
+        except Exception as exc:
+            self._after_failure(exc)
 
     def _recover_connection(self, exc: ConnectionLost) -> None:
         """Reconnect and re-publish the last batch's messages, as often as the broker bounces."""

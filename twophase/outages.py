@@ -83,7 +83,9 @@ def one_line(exc: BaseException) -> str:
 
 def backoff() -> tenacity.wait.wait_base:
     """The wait between attempts to reach a dependency that is down."""
-    return tenacity.wait_exponential_jitter(initial=INITIAL_WAIT_S, max=MAX_WAIT_S)
+    return tenacity.wait_exponential(
+        multiplier=INITIAL_WAIT_S, max=MAX_WAIT_S
+    ) + tenacity.wait_random(0, INITIAL_WAIT_S)
 
 
 def retrying(

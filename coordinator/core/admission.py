@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas import topology
-from schemas.messages import Begin
+from schemas.messages import Begin, Heartbeat
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,33 @@ class CoordinatorSettings:
     max_branches: int = 64
     #: a transaction with one branch commits in one round (``Prepare.one_phase``)
     one_phase: bool = True
+    #: participants whose heartbeats are remembered at most: beyond it, heartbeats from names
+    #: not yet known are ignored until silent ones are forgotten (made-up names cannot grow
+    #: the table without bound)
+    max_tracked_participants: int = 10_000
 
 
 @dataclass
 class Liveness:
     last_seen_ms: int
     interval_ms: int
+
+
+def record_heartbeat(
+    settings: CoordinatorSettings, liveness: dict[str, Liveness], beat: Heartbeat, now_ms: int
+) -> None:
+    """Remember ``beat``; when the table is full, forget participants that count as down."""
+    name = beat.participant
+    if name not in liveness and len(liveness) >= settings.max_tracked_participants:
+        for silent in [p for p, seen in liveness.items() if _silent(settings, seen, now_ms)]:
+            del liveness[silent]
+        if len(liveness) >= settings.max_tracked_participants:
+            return
+    liveness[name] = Liveness(now_ms, beat.interval_ms)
+
+
+def _silent(settings: CoordinatorSettings, seen: Liveness, now_ms: int) -> bool:
+    return now_ms - seen.last_seen_ms > max(settings.liveness_timeout_ms, 3 * seen.interval_ms)
 
 
 def refusal(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from coordinator.core.admission import CoordinatorSettings, Liveness, refusal
+from coordinator.core.admission import CoordinatorSettings, Liveness, record_heartbeat, refusal
 from coordinator.core.events import Event, HistoryLoaded, LookUp, Recovered, Unroutable
 from schemas import topology
 from schemas.effects import (
@@ -105,8 +105,7 @@ class CoordinatorCore:
 
     def handle(self, event: Event, now_ms: int) -> list[Effect]:
         if isinstance(event, Incoming) and isinstance(event.message, Heartbeat):
-            beat = event.message
-            self.liveness[beat.participant] = Liveness(now_ms, beat.interval_ms)
+            record_heartbeat(self.settings, self.liveness, event.message, now_ms)
             return []
         if isinstance(event, Recovered):
             return self._recover(event, now_ms)
