@@ -255,7 +255,7 @@ def test_garbage_goes_to_the_dead_letter_queue_and_the_next_transaction_commits(
     finally:
         channel.close()
     bodies = {body: reason for body, reason in dead}
-    assert bodies[b"\x00not a message"].startswith("undecodable message")
+    assert bodies[b"\x00not a message"].startswith("undecodable: ")
     assert "tx_id" in bodies[b'{"type": "prepare", "tx_id": 7}']
 
 
