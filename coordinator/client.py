@@ -10,6 +10,14 @@ method hands work to it. ``tx_id`` makes submission idempotent: resubmitting the
 (from this client or any other, before or after a coordinator restart) returns the first outcome
 and never runs the transaction twice. While waiting, the client re-sends its ``Begin`` now and
 then; the coordinator treats the copies as the same transaction.
+
+A transaction the coordinator would refuse (too many branches, args too large, a bad ``tx_id``:
+see :class:`schemas.validation.Limits`) raises :class:`LimitExceeded` before anything is sent;
+give the client the deployment's limits (``Client(limits=twophase.config.limits())``).
+
+When RabbitMQ goes away, the client logs one line, reconnects with the shared back-off of
+:mod:`twophase.outages`, logs one line when it is back and re-sends what is waiting. A caller
+waiting meanwhile keeps waiting; it gets :class:`OutcomeUnknown` only at its own ``wait``.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -39,18 +48,35 @@ from schemas.messages import (
     Protocol,
     StatusQuery,
 )
-from twophase import tracing
+from schemas.validation import (
+    DEFAULT_LIMITS,
+    ENVELOPE_MAX,
+    Limits,
+    begin_problem,
+    size_problem,
+    tx_id_problem,
+)
+from twophase import config, outages, tracing
 from twophase.amqp import AmqpChannel, ConnectionLost
 from twophase.driver import now_ms
+from twophase.redaction import redact_url
 
 log = logging.getLogger("twophase.client")
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_AMQP_URL = config.DEFAULT_AMQP_URL
 FINAL = (OutcomeKind.COMMITTED, OutcomeKind.ABORTED)
 #: how often the I/O thread looks for Begins to re-send (they are re-sent seconds apart)
 SCAN_EVERY_MS = 100
 
-__all__ = ["AsyncClient", "Branch", "Client", "Outcome", "OutcomeKind", "OutcomeUnknown"]
+__all__ = [
+    "AsyncClient",
+    "Branch",
+    "Client",
+    "LimitExceeded",
+    "Outcome",
+    "OutcomeKind",
+    "OutcomeUnknown",
+]
 
 
 class OutcomeUnknown(TimeoutError):
@@ -59,6 +85,15 @@ class OutcomeUnknown(TimeoutError):
     def __init__(self, tx_id: str, waited_s: float) -> None:
         super().__init__(f"no outcome for transaction {tx_id} after {waited_s:.1f} s")
         self.tx_id = tx_id
+
+
+class LimitExceeded(ValueError):
+    """The coordinator would refuse this transaction or query (dead-letter it unanswered), so it
+    was not sent; the message says which limit. See :class:`schemas.validation.Limits`."""
+
+
+#: what waits to be published: (queue, message, traceparent)
+_Queued = tuple[str, Protocol, str]
 
 
 @dataclass
@@ -80,16 +115,21 @@ class _Pending:
 class Client:
     def __init__(
         self,
-        amqp_url: str = DEFAULT_AMQP_URL,
+        amqp_url: str | None = None,
         *,
         connect_attempts: int = 1,
         resend_after_s: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self.amqp_url = amqp_url
+        """``amqp_url`` defaults to ``TWOPHASE_AMQP_URL`` (else the local broker);
+        ``connect_attempts`` bounds the first connection only (later ones wait for the broker);
+        ``limits`` are the deployment's (see :func:`twophase.config.limits`)."""
+        self.amqp_url = config.amqp_url(amqp_url)
+        self.limits = limits
         self.client_id = uuid.uuid4().hex
         self.reply_queue = topology.client_queue(self.client_id)
         self._resend_after_s = resend_after_s
-        self._outgoing: deque[tuple[str, Protocol, str]] = deque()
+        self._outgoing: deque[_Queued] = deque()
         self._pending: dict[str, _Pending] = {}
         self._next_scan_ms = 0
         self._status: dict[str, list[Future[Outcome]]] = {}
@@ -127,6 +167,7 @@ class Client:
 
         ``timeout`` is the vote timeout the coordinator enforces. ``wait`` bounds how long this
         call blocks (default: ``2 * timeout + 5`` seconds) before raising ``OutcomeUnknown``.
+        :class:`LimitExceeded` (nothing sent) if the coordinator would refuse the transaction.
         """
         future = self.submit_future(branches, tx_id=tx_id, timeout=timeout)
         waited = wait if wait is not None else 2 * timeout + 5
@@ -142,13 +183,16 @@ class Client:
         tx_id: str | None = None,
         timeout: float = 5.0,
     ) -> Future[Outcome]:
-        tx_id = tx_id or uuid.uuid4().hex
+        tx_id = tx_id or uuid.uuid4().hex[: self.limits.max_tx_id_length]
         begin = Begin(
             tx_id=tx_id,
             branches=tuple(b if isinstance(b, Branch) else Branch(*b) for b in branches),
             timeout_ms=int(timeout * 1000),
             reply_to=self.reply_queue,
         )
+        problem = begin_problem(begin, self.limits) or size_problem(len(encode(begin)), self.limits)
+        if problem is not None:
+            raise LimitExceeded(f"transaction not sent, the coordinator would refuse it: {problem}")
         future: Future[Outcome] = Future()
         future.tx_id = tx_id  # type: ignore[attr-defined]
         resend_ms = int((self._resend_after_s or timeout + 1.0) * 1000)
@@ -168,7 +212,14 @@ class Client:
         return future
 
     def status(self, tx_id: str, *, wait: float = 5.0) -> Outcome:
-        """What the coordinator knows of ``tx_id``: COMMITTED, ABORTED, PENDING or UNKNOWN."""
+        """What the coordinator knows of ``tx_id``: COMMITTED, ABORTED, PENDING or UNKNOWN.
+
+        :class:`LimitExceeded` (nothing sent) for a ``tx_id`` the coordinator would refuse."""
+        problem = tx_id_problem(tx_id, self.limits)
+        if problem is not None:
+            raise LimitExceeded(
+                f"status query not sent, the coordinator would refuse it: {problem}"
+            )
         future: Future[Outcome] = Future()
         with self._lock:
             self._status.setdefault(tx_id, []).append(future)
@@ -176,6 +227,12 @@ class Client:
         try:
             return future.result(wait)
         except FutureTimeout:
+            with self._lock:  # else it would be asked again after every reconnect
+                waiting = self._status.get(tx_id, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._status.pop(tx_id, None)
             raise OutcomeUnknown(tx_id, wait) from None
 
     def close(self) -> None:
@@ -239,13 +296,43 @@ class Client:
                 try:
                     self._turn(channel)
                 except ConnectionLost as exc:
-                    log.warning("client lost its connection (%s); reconnecting", exc)
-                    channel.reconnect()
-                    self._resend_all()
+                    if not self._reconnect(channel, exc):
+                        break
         finally:
             self._channel = None
             channel.close()
             self._fail_all(RuntimeError("the client was closed"))
+
+    def _reconnect(self, channel: AmqpChannel, lost: BaseException) -> bool:
+        """Wait for the broker with the shared back-off (each failed attempt is logged at DEBUG);
+        whether connected again (False: the client is closing)."""
+        where, since = redact_url(self.amqp_url), time.monotonic()
+        log.warning(
+            "client %s: lost RabbitMQ at %s (%s); reconnecting with back-off, %d transactions"
+            " waiting",
+            self.client_id[:8],
+            where,
+            outages.one_line(lost),
+            len(self._pending),
+        )
+        retrying = outages.retrying(
+            until=self._closing, what=f"client {self.client_id[:8]}: reconnecting to {where}"
+        ).copy(sleep=self._closing.wait)  # close() ends the wait at once
+        try:
+            retrying(channel.reconnect, 1)
+        except Exception:
+            if self._closing.is_set():
+                return False
+            raise
+        log.warning(
+            "client %s: RabbitMQ at %s is back after %.1f s; re-sending %d Begins",
+            self.client_id[:8],
+            where,
+            time.monotonic() - since,
+            len(self._pending),
+        )
+        self._resend_all()
+        return True
 
     def _turn(self, channel: AmqpChannel) -> None:
         deliveries = channel.poll(0.0 if self._outgoing else 0.1)
@@ -271,23 +358,15 @@ class Client:
         if batch:
             self._publish(channel, batch)
 
-    def _publish(self, channel: AmqpChannel, batch: list[tuple[str, Protocol, str]]) -> None:
-        """Everything queued since the last turn: one envelope per destination."""
+    def _publish(self, channel: AmqpChannel, batch: list[_Queued]) -> None:
+        """Everything queued since the last turn: one envelope per destination, or as many as
+        the coordinator's limits on an envelope (count and bytes) need."""
         by_queue: dict[str, list[tuple[Protocol, str]]] = {}
         for queue, message, traceparent in batch:
             by_queue.setdefault(queue, []).append((message, traceparent))
         for queue, items in by_queue.items():
-            if len(items) == 1:
-                message, traceparent = items[0]
-                headers = {topology.TRACEPARENT_HEADER: traceparent} if traceparent else None
-                channel.publish(queue, encode(message), headers=headers)
-            else:
-                envelope = Envelope(
-                    messages=tuple(Enveloped(message=m, traceparent=t) for m, t in items)
-                )
-                channel.publish(queue, encode(envelope))
-            self.messages_sent += 1
-            self.protocol_messages_sent += len(items)
+            for start in range(0, len(items), ENVELOPE_MAX):
+                self._publish_to(channel, queue, items[start : start + ENVELOPE_MAX])
         # No wait for the broker's confirms: a Begin that is lost is re-sent (resend_after_s),
         # and the coordinator answers copies as one transaction. Waiting cost a broker round
         # trip per turn, half of this thread's CPU, and delayed the next submissions.
@@ -298,6 +377,28 @@ class Client:
                 len(refused),
                 ", ".join(sorted(set(refused))),
             )
+
+    def _publish_to(
+        self, channel: AmqpChannel, queue: str, items: list[tuple[Protocol, str]]
+    ) -> None:
+        """One AMQP message: an envelope when there are several, split in halves while it is
+        larger than the coordinator accepts (each message alone fits: submit checked it)."""
+        if len(items) == 1:
+            message, traceparent = items[0]
+            headers = {topology.TRACEPARENT_HEADER: traceparent} if traceparent else None
+            channel.publish(queue, encode(message), headers=headers)
+        else:
+            body = encode(
+                Envelope(messages=tuple(Enveloped(message=m, traceparent=t) for m, t in items))
+            )
+            if len(body) > self.limits.max_message_bytes:
+                half = len(items) // 2
+                self._publish_to(channel, queue, items[:half])
+                self._publish_to(channel, queue, items[half:])
+                return
+            channel.publish(queue, body)
+        self.messages_sent += 1
+        self.protocol_messages_sent += len(items)
 
     def _resolve(self, outcome: Outcome) -> None:
         with self._lock:
@@ -334,11 +435,16 @@ class Client:
                 self._pending.pop(tx_id).end_span(None, RuntimeError("abandoned by every caller"))
 
     def _resend_all(self) -> None:
+        """After a reconnect: what was sent may be lost, and the replies certainly are (the
+        reply queue went with the connection). Begins and status queries go again."""
         with self._lock:
             for pending in self._pending.values():
                 self._outgoing.append(
                     (topology.COORDINATOR_QUEUE, pending.begin, pending.traceparent)
                 )
+            for tx_id in self._status:
+                query = StatusQuery(tx_id=tx_id, reply_to=self.reply_queue)
+                self._outgoing.append((topology.COORDINATOR_QUEUE, query, ""))
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
@@ -361,7 +467,8 @@ def _abandoned(futures: Iterable[Future[Outcome]]) -> bool:
 class AsyncClient:
     """The asyncio face of :class:`Client` (the I/O still runs on the client's own thread)."""
 
-    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, **options: object) -> None:
+    def __init__(self, amqp_url: str | None = None, **options: object) -> None:
+        """As :class:`Client` (``limits=`` included): :class:`LimitExceeded` the same way."""
         self._client = Client(amqp_url, **options)  # type: ignore[arg-type]
 
     async def submit(
