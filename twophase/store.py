@@ -9,11 +9,15 @@ Choices made here (the architecture leaves them open):
   ``QueuePool`` with ``check_same_thread=False``, so one engine serves many threads; SQLite
   serialises the writers and ``busy_timeout`` makes them wait instead of failing.
 * PostgreSQL engines use a pool of 5, with a 10 s connect timeout unless the URL names one. No
-  ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets a dropped
-  connection is retried on a fresh one (SQLAlchemy invalidates the pool on a disconnect).
+  ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets an outage
+  (a dropped connection included: SQLAlchemy invalidates the pool on a disconnect) is retried a
+  few times on a fresh connection, with the shared back-off of :mod:`twophase.outages`. A longer
+  outage is the driver's to wait out.
   Tables this process fills are analyzed early (see :class:`AnalyzeSchedule`).
   Creating an engine never connects; :func:`check_connection` does, and turns a
-  failure into a one-line :class:`ConfigurationError`.
+  failure into a one-line :class:`ConfigurationError` (chained to its cause, so that an outage
+  behind it is still recognised as one). :func:`configuration_problem` tells a setting that
+  cannot work (a database that does not exist, a role refused) from a server that is down.
 * :class:`RecordLog` writes each batch in one transaction (group commit). On PostgreSQL the
   batch is one ``INSERT ... SELECT FROM unnest(...)`` sent with its BEGIN and COMMIT in one
   round trip (:mod:`twophase.pgpipe`), and the look-up by ``tx_id`` is one query in autocommit.
@@ -24,6 +28,7 @@ Choices made here (the architecture leaves them open):
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -32,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
-from twophase import pgpipe
+from twophase import outages, pgpipe
+from twophase.redaction import redact_url
 
 log = logging.getLogger("twophase.store")
 
@@ -45,6 +52,7 @@ __all__ = [
     "LogRow",
     "RecordLog",
     "check_connection",
+    "configuration_problem",
     "database_url",
     "make_engine",
 ]
@@ -152,7 +160,7 @@ def database_url(value: str) -> str:
 
 
 def _redacted(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    return redact_url(url.render_as_string(hide_password=False))
 
 
 def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
@@ -187,9 +195,43 @@ def make_engine(url: str) -> Engine:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc`` (of the driver's error behind it), URLs redacted."""
     cause: BaseException = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return lines[0] if lines else type(cause).__name__
+    return redact_url(lines[0]) if lines else type(cause).__name__
+
+
+#: invalid_catalog_name, invalid_authorization_specification, invalid_password
+_CONFIG_SQLSTATES = frozenset({"3D000", "28000", "28P01"})
+#: the same refusals as libpq words them when a connection fails (psycopg gives no SQLSTATE
+#: then), and settings libpq or SQLite cannot use at all
+_CONFIG_MESSAGES = re.compile(
+    r'database "[^"]*" does not exist|role "[^"]*" does not exist'
+    r"|password authentication failed|no pg_hba\.conf entry|invalid connection option"
+    r'|invalid (?:integer|port|sslmode) value|invalid value for parameter "'
+    r"|unable to open database file",
+    re.IGNORECASE,
+)
+
+
+def configuration_problem(exc: BaseException) -> str | None:
+    """What in ``exc`` says a setting cannot work (``database "x" does not exist``), or None.
+
+    For start-up, which waits for a server that is down but must end at once when the database
+    named does not exist or refuses the role: both are connection failures to the driver (and
+    :func:`twophase.outages.outage_cause` counts them as outages), only the server's words
+    tell them apart. The words are the driver's own, of the innermost error that has them.
+    """
+    found: str | None = None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        text = _first_line(link)
+        if getattr(link, "sqlstate", None) in _CONFIG_SQLSTATES or _CONFIG_MESSAGES.search(text):
+            found = text.rpartition("FATAL:")[2].strip()
+        link = link.__cause__ or link.__context__
+    return found
 
 
 def check_connection(engine: Engine) -> None:
@@ -311,19 +353,20 @@ class RecordLog:
         if not rows:
             return
         params = _params(rows)
-        for attempt in range(_APPEND_ATTEMPTS):
-            try:
-                with self.engine.connect() as conn:
-                    self._write(conn, params)
-                    commit(conn)
-                break
-            except sa.exc.DBAPIError as exc:
-                # A connection the server dropped (restart, idle kill): retry on a fresh one. If
-                # the commit itself was lost in flight the rows may be written twice, which the
-                # readers tolerate: records are facts, and a repeated fact changes nothing.
-                if not exc.connection_invalidated or attempt == _APPEND_ATTEMPTS - 1:
-                    raise
+        # A connection the server dropped (restart, idle kill) is retried on a fresh one. If
+        # the commit itself was lost in flight the rows may be written twice, which the readers
+        # tolerate: records are facts, and a repeated fact changes nothing.
+        retrying = outages.retrying(
+            stop=tenacity.stop_after_attempt(_APPEND_ATTEMPTS),
+            what=f"appending {len(params)} records to {self.table.name}",
+        )
+        retrying(self._append_once, params)
         self._count(len(rows))
+
+    def _append_once(self, params: list[dict[str, Any]]) -> None:
+        with self.engine.connect() as conn:
+            self._write(conn, params)
+            commit(conn)
 
     def append_in(self, conn: sa.Connection, rows: Sequence[LogRow]) -> None:
         """Write ``rows`` in ``conn``'s open transaction, which the caller then commits (on
