@@ -22,6 +22,7 @@ from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish, ResourceError
 from twophase import pgpipe
+from twophase.redaction import redact_url
 from twophase.store import (
     AnalyzeSchedule,
     ConfigurationError,
@@ -57,6 +58,20 @@ def _sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
 
 
+def _create_engine(url: str) -> sa.Engine:
+    """An engine for ``url`` (does not connect); ResourceError, one line, if it cannot be."""
+    problem = ""
+    try:
+        parsed = sa.make_url(_sqlalchemy_url(url))
+        if parsed.get_backend_name() == "postgresql":
+            return pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))
+        return sa.create_engine(parsed)
+    except (sa.exc.ArgumentError, ValueError, ImportError) as exc:
+        problem = redact_url(" ".join(str(exc).split())) or type(exc).__name__
+    # raised outside the except clause: the message says all, a traceback would not add to it
+    raise ResourceError(f"cannot use database URL {redact_url(url)!r}: {problem}")
+
+
 def _run_one(
     conn: sa.Connection,
     trans: sa.Transaction,
@@ -75,7 +90,7 @@ def _run_one(
     except Exception as exc:
         if savepoint is None:
             raise _NeedsIsolation from exc
-        if not trans.is_active:
+        if not trans.is_active or resources.connection_lost(exc):
             raise
         savepoint.rollback()
         return exc if isinstance(exc, Refuse) else resources._caused(resources._refusal(exc), exc)
@@ -201,11 +216,7 @@ class ReservationResource:
 
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
         self.url = url
-        parsed = sa.make_url(_sqlalchemy_url(url))
-        if parsed.get_backend_name() == "postgresql":
-            self._engine = pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))
-        else:
-            self._engine = sa.create_engine(parsed)
+        self._engine = _create_engine(url)
         self._participant: str | None = None
         self._analyze = AnalyzeSchedule()
         if self._engine.dialect.name == "sqlite":
@@ -270,11 +281,15 @@ class ReservationResource:
                 _settle_deferred(unit)
             try:
                 return self._attempt(unit, branches, isolate=False)
-            except _NeedsIsolation:
+            except _NeedsIsolation as failed:
+                if resources.connection_lost(failed):
+                    raise  # the database went away: no attempt would do better now
                 return self._attempt(unit, branches, isolate=True)
         except Refuse as refusal:  # the transaction as a whole failed (e.g. a handler ended it)
             return [refusal] * len(branches)
         except Exception as exc:
+            if resources.connection_lost(exc):  # no answer is not a NO: the batch is redone
+                raise resources.unavailable(self.url, exc) from exc
             return [resources._caused(resources._refusal(exc), exc)] * len(branches)
 
     def _attempt(

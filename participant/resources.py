@@ -23,6 +23,11 @@ from a new instance after a restart. Choices:
   IMMEDIATE, so a handler's check-then-hold is serializable; elsewhere the handler locks what it
   checks (SELECT ... FOR UPDATE).
 * Handlers must not commit or roll back the handle they are given.
+* While the resource's database is down (a connection that fails or breaks, not a statement the
+  server refused), neither resource votes NO: prepare raises :class:`ResourceUnavailable`, the
+  worker waits for the database and redoes the batch from its log, and the redelivered PREPARE
+  runs the handler again. A statement the server refused (a lock timeout, a constraint) is still
+  a NO vote.
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import tenacity
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from participant.operations import OperationSpec, Refuse
+from twophase import outages, store
+from twophase.redaction import redact_url as redact_url  # re-exported: tests import it here
 
 if TYPE_CHECKING:
     from participant.reservation import ReservationResource as ReservationResource
@@ -63,6 +70,45 @@ Finish = tuple[str, OperationSpec | None, dict[str, Any], bool]
 
 class ResourceError(Exception):
     """The resource is misconfigured or hit a heuristic outcome; the message says what to fix."""
+
+
+class ResourceUnavailable(ConnectionError):
+    """The resource's database did not answer: an outage (see :mod:`twophase.outages`), not a
+    NO vote. The worker waits for the database and redoes the batch."""
+
+
+#: admin_shutdown, crash_shutdown, cannot_connect_now: the server going away or not back yet
+_SERVER_GONE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def connection_lost(exc: BaseException, conn: Any = None) -> bool:
+    """Whether ``exc`` means the database went away (the connection failed or broke), rather
+    than that the server refused a statement: a lock timeout or a constraint is an answer, and
+    the branch votes NO; a lost connection is no answer at all."""
+    if conn is not None and getattr(conn, "broken", False):
+        return True
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if getattr(link, "connection_invalidated", False):  # SQLAlchemy saw a disconnect
+            return True
+        if isinstance(link, psycopg.Error):
+            state = link.sqlstate
+            if state is None:  # raised by libpq, not sent by the server
+                return isinstance(link, psycopg.OperationalError | psycopg.InterfaceError)
+            return state.startswith("08") or state in _SERVER_GONE
+        if isinstance(link, ConnectionError | TimeoutError):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
+
+
+def unavailable(url: str, exc: BaseException) -> ResourceUnavailable:
+    """The outage to raise for ``exc`` (chain it: ``raise unavailable(...) from exc``)."""
+    return ResourceUnavailable(
+        f"the database at {redact_url(url)} did not answer: {outages.one_line(exc)}"
+    )
 
 
 @runtime_checkable
@@ -101,17 +147,6 @@ class CommitsAtOnce(Protocol):
     must tell afterwards whether such a commit happened."""
 
     def commit_at_once_many(self, branches: Sequence[Branch]) -> list[Refuse | None]: ...
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (fit for messages and logs)."""
-    url = re.sub(r"(password\s*=\s*)\S+", r"\1***", url)
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, host = parts.netloc.rpartition("@")
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_max_prepared_transactions(url: str, setting: str | int) -> None:
@@ -205,7 +240,15 @@ class PostgresResource:
             conn.execute(_MARKER_DDL)
             conn.commit()
 
-        self._with_conn(setup)
+        problem: str | None = None
+        try:
+            self._with_conn(setup)
+        except psycopg.Error as exc:
+            problem = store.configuration_problem(exc)
+            if problem is None:
+                raise
+        if problem is not None:  # raised outside the except clause: not an outage by context
+            raise ResourceError(f"PostgreSQL at {redact_url(self._url)}: {problem}")
         self._participant, self._prefix = participant, prefix
 
     def prepare(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None:
@@ -219,24 +262,27 @@ class PostgresResource:
                 return  # already prepared, or already committed
             conn = self._acquire()
         except psycopg.Error as exc:
-            raise _refusal(exc) from exc
+            raise self._failed(exc) from exc
         try:
             conn.tpc_begin(gid)
             self._run_handler(conn, tx_id, op, args)
-        except Refuse:
-            self._rollback_branch(conn)
-            raise
         except Exception as exc:
+            if connection_lost(exc, conn):
+                _discard(conn)
+                raise unavailable(self._url, exc) from exc
             self._rollback_branch(conn)
+            if isinstance(exc, Refuse):
+                raise
             raise _refusal(exc) from exc
         try:
             conn.tpc_prepare()
         except Exception as exc:
             _discard(conn)
-            if getattr(exc, "sqlstate", None) is None:
-                # Not answered by the server (e.g. connection lost): the branch may be prepared.
-                with contextlib.suppress(psycopg.Error):
-                    self._with_conn(lambda c: c.tpc_rollback(gid))
+            if connection_lost(exc, conn):
+                # Not answered: the branch may be prepared. The batch is redone once the
+                # database answers, and a branch prepared without a PREPARED record (which
+                # only follows this call) never voted YES: recovery rolls it back.
+                raise unavailable(self._url, exc) from exc
             raise _refusal(exc) from exc
         self._parked[tx_id] = conn
         while len(self._parked) > self._pool_size:
@@ -246,8 +292,9 @@ class PostgresResource:
         """One phase: the handler and the commit marker in one plain transaction, committed.
 
         A crash before the COMMIT leaves nothing; after it, the marker says committed. A COMMIT
-        that the server did not answer is ambiguous: it raises ResourceError, the worker stops,
-        and after a restart the marker answers the coordinator's question."""
+        that the server did not answer is ambiguous: it raises ResourceUnavailable, the worker
+        waits for the database and redoes the batch from its log, and the redelivered PREPARE
+        finds the marker (committed) or not (the handler runs again)."""
         gid = self._gid(tx_id)
         if gid is None:
             raise Refuse(f"tx_id {tx_id[:40]!r} is too long for a {GID_MAX_BYTES}-byte gid")
@@ -257,13 +304,16 @@ class PostgresResource:
             )
             conn = None if known else self._acquire()
         except psycopg.Error as exc:
-            raise _refusal(exc) from exc
+            raise self._failed(exc) from exc
         if conn is None:
             self._decide(tx_id, commit=True)  # prepared before, or committed already
             return
         try:
             self._run_handler(conn, tx_id, op, args)
         except Exception as exc:
+            if connection_lost(exc, conn):
+                _discard(conn)
+                raise unavailable(self._url, exc) from exc
             self._rollback_plain(conn)
             if isinstance(exc, Refuse):
                 raise
@@ -272,10 +322,11 @@ class PostgresResource:
             conn.commit()
         except Exception as exc:
             _discard(conn)
-            if getattr(exc, "sqlstate", None) is None:
-                raise ResourceError(
-                    f"the COMMIT of {tx_id!r} got no answer from PostgreSQL; whether it committed"
-                    " is read from twophase_commit_marker after a restart"
+            if connection_lost(exc, conn):
+                raise ResourceUnavailable(
+                    f"the COMMIT of {tx_id!r} got no answer from PostgreSQL at"
+                    f" {redact_url(self._url)} ({outages.one_line(exc)}); whether it committed"
+                    " is read from twophase_commit_marker once the database answers"
                 ) from exc
             raise _refusal(exc) from exc
         self._release(conn)
@@ -336,6 +387,10 @@ class PostgresResource:
     def _gid(self, tx_id: str) -> str | None:
         gid = self._bound_prefix() + tx_id
         return None if len(gid.encode()) > GID_MAX_BYTES or "\x00" in tx_id else gid
+
+    def _failed(self, exc: psycopg.Error) -> Exception:
+        """What a failure before the handler ran is: an outage, or else a NO vote."""
+        return unavailable(self._url, exc) if connection_lost(exc) else _refusal(exc)
 
     def _rows(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return self._with_conn(lambda c: _read(c, query, params))
@@ -410,7 +465,10 @@ class PostgresResource:
             if not (conn.closed or conn.broken):
                 return conn
             _discard(conn)
-        return psycopg.connect(self._url)
+        # a host that drops packets would otherwise hold a connect for the kernel's TCP timeout
+        if "connect_timeout" in self._url:
+            return psycopg.connect(self._url)
+        return psycopg.connect(self._url, connect_timeout=10)
 
     def _release(self, conn: _Conn) -> None:
         ok = not (self._closed or conn.closed or conn.broken) and len(self._idle) < self._pool_size
@@ -420,20 +478,31 @@ class PostgresResource:
             _discard(conn)
 
     def _with_conn(self, fn: Callable[[_Conn], _T]) -> _T:
-        """Run fn on a pooled connection; once more on a new one if that one had gone stale."""
+        """Run fn on a pooled connection; once more, on a new one, after an outage (the pooled
+        one had gone stale, say after a server restart). A longer outage is the worker's to
+        wait out."""
+        retrying = outages.retrying(
+            stop=tenacity.stop_after_attempt(2), what=f"a query to {redact_url(self._url)}"
+        )
+        result: _T = retrying(self._on_conn, fn)
+        return result
+
+    def _on_conn(self, fn: Callable[[_Conn], _T]) -> _T:
         conn = self._acquire()
         try:
-            try:
-                result = fn(conn)
-            except psycopg.OperationalError:
-                _discard(conn)
-                conn = psycopg.connect(self._url)
-                result = fn(conn)
-        except BaseException:
+            result = fn(conn)
+        except BaseException as exc:
             _discard(conn)
+            if isinstance(exc, Exception) and outages.is_outage(exc):
+                self._drop_idle()  # after a server restart every pooled connection is stale
             raise
         self._release(conn)
         return result
+
+    def _drop_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            _discard(conn)
 
 
 # ---- ReservationResource: participant/reservation.py ----------------------------------------
