@@ -13,14 +13,27 @@ TWOPHASE_CRASHPOINTS           name[:probability],... for fault injection (off)
 TWOPHASE_METRICS_PORT          Prometheus endpoint port; 0 disables (coordinator 9464,
                                participants 0)
 TWOPHASE_LOG_FORMAT            kv (key=value, default) or json
+TWOPHASE_MAX_MESSAGE_BYTES     largest AMQP message body accepted (2097152, 2 MiB)
+TWOPHASE_MAX_BRANCHES          branches of one transaction (64)
+TWOPHASE_MAX_ARGS_BYTES        one branch's args, encoded as JSON (16384)
+TWOPHASE_MAX_REASON_BYTES      reasons longer than this are cut, never refused (1000)
+TWOPHASE_MAX_TIMEOUT           a transaction's vote timeout, seconds (600)
+TWOPHASE_MAX_TX_ID_LENGTH      characters of a tx_id, 1 to 88 (64)
 =============================  ==========================================================
+
+The ``TWOPHASE_MAX_*`` limits (:func:`limits`) must be the same in every process of a deployment,
+the clients' included (``Client(limits=config.limits())``): what one process sends beyond another's
+limits is dead-lettered there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+from schemas.validation import DEFAULT_LIMITS, TX_ID_HARD_MAX, Limits
 from twophase.store import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -87,3 +100,44 @@ def metrics_port(flag: str | int | None, default: int) -> int:
             f"TWOPHASE_METRICS_PORT / --metrics-port must be 0 (off) to 65535, got {port}"
         )
     return port
+
+
+#: variable -> (Limits field, what a unit of the variable is in the field's unit)
+_LIMITS: dict[str, tuple[str, int]] = {
+    "TWOPHASE_MAX_MESSAGE_BYTES": ("max_message_bytes", 1),
+    "TWOPHASE_MAX_BRANCHES": ("max_branches", 1),
+    "TWOPHASE_MAX_ARGS_BYTES": ("max_args_bytes", 1),
+    "TWOPHASE_MAX_REASON_BYTES": ("max_reason_bytes", 1),
+    "TWOPHASE_MAX_TIMEOUT": ("max_timeout_ms", 1000),  # seconds
+    "TWOPHASE_MAX_TX_ID_LENGTH": ("max_tx_id_length", 1),
+}
+
+
+def limits(environ: Mapping[str, str] | None = None) -> Limits:
+    """The deployment's :class:`~schemas.validation.Limits` from ``TWOPHASE_MAX_*`` (unset or
+    empty: the default); ConfigurationError, one line naming the variable, for a bad value."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    values: dict[str, int] = {}
+    for variable, (field, scale) in _LIMITS.items():
+        text = env.get(variable, "").strip()
+        if not text:
+            continue
+        default = getattr(DEFAULT_LIMITS, field) // scale
+        try:
+            value = round(float(text) * scale) if scale != 1 else int(text)
+        except (ValueError, OverflowError):  # nan, inf
+            kind = "a number of seconds" if scale != 1 else "a whole number"
+            raise ConfigurationError(
+                f"{variable} must be {kind} (default {default}), got {text!r}"
+            ) from None
+        low = DEFAULT_LIMITS.min_timeout_ms if field == "max_timeout_ms" else 1
+        high = TX_ID_HARD_MAX if field == "max_tx_id_length" else None
+        if value < low or (high is not None and value > high):
+            shown = f"{low / scale:g}" if scale != 1 else str(low)
+            bounds = f"{shown} to {high}" if high is not None else f"at least {shown}"
+            raise ConfigurationError(f"{variable} must be {bounds} (default {default}), got {text}")
+        values[field] = value
+    try:
+        return dataclasses.replace(DEFAULT_LIMITS, **values)
+    except ValueError as exc:  # Limits checks more than the bounds above; say it in one line
+        raise ConfigurationError(f"TWOPHASE_MAX_*: {exc}") from None
