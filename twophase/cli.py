@@ -1,4 +1,14 @@
-"""The ``twophase`` command line."""
+"""The ``twophase`` command line.
+
+Exit statuses: 0 done; 1 a command's own check failed (``twophase demo``'s balance check, say);
+2 a configuration error, said in one line on stderr; 3 a resolution ``twophase tx`` refused
+(heuristic hazard); 130 interrupted.
+
+A service starting while PostgreSQL or RabbitMQ is down or refusing connections waits for it with
+back-off (logging one line when it finds it down and one when it answers), but ends at once, with
+exit status 2, when what it is given cannot work: a database that does not exist, a role or a
+password refused, a URL that is not one, an ``--app`` that does not load.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twophase import admin_cli, config, logs
+from twophase import admin_cli, config, logs, outages, store
+from twophase.redaction import redact_url
 from twophase.store import ConfigurationError
 
 Command = Callable[[argparse.Namespace], int]
@@ -25,17 +36,23 @@ def _coordinator(args: argparse.Namespace) -> int:
         liveness_timeout_ms=int(liveness * 1000),
         one_phase=config.switch(args.one_phase, "TWOPHASE_ONE_PHASE", True),
     )
-    run_coordinator(
-        CoordinatorConfig(
-            amqp_url=config.amqp_url(args.amqp_url),
-            log_url=config.log_url(args.log_url, "coordinator", args.data_dir),
-            prefetch=int(config.number(args.prefetch, "TWOPHASE_PREFETCH", 512, minimum=1)),
-            settings=settings,
-            metrics_port=config.metrics_port(args.metrics_port, 9464),
-            metrics_best_effort=args.metrics_port is None
-            and "TWOPHASE_METRICS_PORT" not in os.environ,
-        )
+    coordinator = CoordinatorConfig(
+        amqp_url=config.amqp_url(args.amqp_url),
+        log_url=config.log_url(args.log_url, "coordinator", args.data_dir),
+        prefetch=int(config.number(args.prefetch, "TWOPHASE_PREFETCH", 512, minimum=1)),
+        settings=settings,
+        metrics_port=config.metrics_port(args.metrics_port, 9464),
+        metrics_best_effort=args.metrics_port is None and "TWOPHASE_METRICS_PORT" not in os.environ,
     )
+    store.database_url(coordinator.log_url)  # a URL that cannot work ends here, not in the wait
+    wait_for_dependencies(
+        "coordinator",
+        [
+            database_dependency("log", coordinator.log_url),
+            broker_dependency("coordinator", coordinator.amqp_url),
+        ],
+    )
+    run_coordinator(coordinator)
     return 0
 
 
@@ -69,8 +86,112 @@ def _participant(args: argparse.Namespace) -> int:
         app.log_url = args.log_url
     if args.metrics_port is not None:
         app.metrics_port = config.metrics_port(args.metrics_port, 0)
+    store.database_url(app.log_url)  # a URL that cannot work ends here, not in the wait
+    # The databases first: a database that does not exist ends the start before the broker
+    # probe's connection (and anything it logs) is made.
+    dependencies = [database_dependency("log", app.log_url)]
+    probe = getattr(app.resource, "probe", None)
+    if probe is not None:
+        url = str(getattr(app.resource, "url", type(app.resource).__name__))
+        dependencies.append(checked(outages.Dependency("resource", url, probe)))
+    dependencies.append(broker_dependency(app.name, app.amqp_url))
+    wait_for_dependencies(app.name, dependencies)
     app.run()
     return 0
+
+
+# ---- start-up: wait for what is down, end at once on what cannot work ------------------------
+
+
+def wait_for_dependencies(service: str, dependencies: list[outages.Dependency]) -> None:
+    """Return once every dependency answers; waits out outages with the shared back-off, logging
+    one line per dependency lost and regained. ConfigurationError (exit status 2) for one that
+    cannot work, which is no outage and would never end."""
+    outages.DependencyWatch(service, dependencies).wait_until_up()
+
+
+def checked(dependency: outages.Dependency) -> outages.Dependency:
+    """``dependency`` whose probe raises ConfigurationError for a setting that cannot work, and
+    lets outages through (to be waited for)."""
+
+    def probe() -> None:
+        try:
+            dependency.probe()
+            return
+        except ConfigurationError as exc:
+            if outages.is_outage(exc) and start_problem(exc) is None:
+                raise  # "cannot connect" with a server that is down behind it
+            problem = str(exc)
+        except Exception as exc:
+            found = start_problem(exc)
+            if found is None:
+                raise
+            problem = f"cannot use the {dependency.name} at {redact_url(dependency.url)}: {found}"
+        # Raised outside the except clause, so that no outage is its context: it is not waited
+        # for (twophase.outages follows an exception's causes and context).
+        raise ConfigurationError(problem)
+
+    return outages.Dependency(dependency.name, dependency.url, probe)
+
+
+def start_problem(exc: BaseException) -> str | None:
+    """Why ``exc``, met at start-up, means a setting cannot work; None for an outage."""
+    from participant.resources import ResourceError
+
+    problem = store.configuration_problem(exc) or _broker_problem(exc)
+    if problem is not None:
+        return problem
+    if outages.is_outage(exc):
+        return None
+    if isinstance(exc, ResourceError):
+        return str(exc)
+    return outages.one_line(exc)
+
+
+def _broker_problem(exc: BaseException) -> str | None:
+    """A login or virtual host RabbitMQ refused: it will not change by waiting."""
+    import pika.exceptions
+
+    refused = (
+        pika.exceptions.ProbableAuthenticationError,
+        pika.exceptions.ProbableAccessDeniedError,
+        pika.exceptions.AuthenticationError,
+    )
+    link: BaseException | None = exc
+    for _ in range(20):  # an exception's chain of causes and contexts is short
+        if link is None:
+            return None
+        if isinstance(link, refused):
+            return " ".join(str(link).split()) or type(link).__name__
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def database_dependency(name: str, url: str) -> outages.Dependency:
+    """A log database: connect once (this creates a SQLite file and its directory)."""
+
+    def probe() -> None:
+        import sqlalchemy as sa
+
+        engine = store.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            engine.dispose()
+
+    return checked(outages.Dependency(name, url, probe))
+
+
+def broker_dependency(service: str, url: str) -> outages.Dependency:
+    """RabbitMQ: open a connection and close it."""
+
+    def probe() -> None:
+        from twophase.amqp import AmqpChannel
+
+        AmqpChannel(url, connection_name=f"twophase-{service}-start").close()
+
+    return checked(outages.Dependency("broker", url, probe))
 
 
 def _demo(args: argparse.Namespace) -> int:
