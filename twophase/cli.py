@@ -286,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-broker-restart", action="store_true", help="skip the full broker restart")
     p.set_defaults(run=_chaos)
 
+    p = sub.add_parser("fuzz", help="the bank under a flood of hostile messages (issue 12)")
+    fuzz = importlib.import_module("twophase.fuzz")
+    fuzz.add_arguments(p)
+    p.set_defaults(run=fuzz.run_fuzz_command)
+
     p = sub.add_parser("bench", help="measure throughput and latency, with baselines")
     _bench_arguments(p)
     p.set_defaults(run=_bench)

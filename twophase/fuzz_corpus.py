@@ -513,6 +513,9 @@ class Corpus:
             return "many-headers", {f"h{i}": "v" * rng.randint(0, 8) for i in range(1000)}
         if op == 6:
             return "header-types", {"a": b"\x00\xff", "b": [1, "x", None], "c": {"d": {"e": 1}}}
+        if op == 7 and rng.random() < 0.1:
+            # filled up to just under the frame size by the publisher, which knows its framing
+            return "near-frame-max", {}
         return "plain", {}
 
     def properties(self, user: str) -> dict[str, Any]:

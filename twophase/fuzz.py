@@ -1,0 +1,367 @@
+"""``twophase fuzz``: the chaos bank under a flood of hostile messages (issue 12).
+
+The coordinator and the three banks of ``twophase chaos`` run as separate processes (two banks on
+native PostgreSQL branches, one on a SQLite reservation) in a fresh virtual host and database,
+with real transfers going through the client library. Alongside, hostile messages are published
+straight to every queue (the coordinator's, each bank's, the client's reply queue): random
+bytes, spoiled encodings, wrong types, sizes at and past the limits, unknown kinds, invalid names
+and ids, odd AMQP properties and headers, and replays of real messages captured on the way
+(:mod:`twophase.fuzz_corpus`, :mod:`twophase.fuzz_traffic`). Then, once quiet, the run checks:
+
+* no service exited (the same PIDs throughout);
+* the chaos checks (:func:`twophase.chaos_checks.judge`): every real transfer has one outcome
+  everywhere, as the client was told, balances are conserved account by account, nothing is in
+  doubt;
+* every hostile message a service must refuse is in the dead-letter queue once, with a reason of
+  the right category, and nothing it must take (replays, well-formed strangers) is;
+* each service's RSS grew by at most 20 % from after the warm-up to the end;
+* the durable rows hostile messages caused are bounded (:mod:`twophase.fuzz_checks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from coordinator.client import Client
+from schemas import topology
+from schemas.validation import COORDINATOR_ACCEPTS, PARTICIPANT_ACCEPTS
+from twophase import bank, config
+from twophase.amqp import AmqpChannel, BrokerUnavailable
+from twophase.chaos import (
+    DEFAULT_PG_URL,
+    OPENING_BALANCE,
+    ChaosConfig,
+    Load,
+    _client_alive,
+    _drop_database,
+    _fresh_database,
+    _fresh_vhost,
+    _wait_quiet,
+)
+from twophase.chaos_checks import BANKS, RESERVATION_BANK, ChaosResult, Inspector, judge
+from twophase.chaos_faults import Broker, FaultLog
+from twophase.driver import now_ms
+from twophase.fuzz_checks import FuzzResult, fuzz_checks, print_report, rss_kib
+from twophase.fuzz_corpus import Context, Corpus
+from twophase.fuzz_traffic import HostilePublisher, Ledger, Observer, Target, client_target
+from twophase.processes import ServiceGroup
+
+__all__ = ["FuzzConfig", "FuzzResult", "run_fuzz", "run_fuzz_command"]
+
+
+@dataclass
+class FuzzConfig:
+    amqp_url: str
+    pg_url: str
+    data_dir: Path
+    messages: int = 10_000
+    #: real transfers alongside (default: one per 100 hostile messages, at least 60)
+    transfers: int | None = None
+    concurrency: int = 16
+    seed: int | None = None
+    replay_share: float = 0.1
+    tx_timeout_s: float = 10.0
+    answer_timeout_s: float = 180.0
+    quiet_timeout_s: float = 180.0
+    #: how long to wait for the last dead letters once the services are quiet
+    dead_letter_wait_s: float = 60.0
+    on_progress: Any = None
+
+
+class _FuzzInspector(Inspector):
+    """The chaos inspector, blind to the aborts of hostile transactions (they were refused, and
+    the fuzz checks count their rows); a hostile COMMIT stays in sight and fails the checks."""
+
+    def __init__(self, real: set[str], *args: Any) -> None:
+        super().__init__(*args)
+        self.real = real
+
+    def decisions(self) -> tuple[dict[str, str], list[str]]:
+        decided, both = super().decisions()
+        kept = {t: d for t, d in decided.items() if t in self.real or d == "commit"}
+        return kept, both
+
+
+def _targets(client_queue: str) -> list[Target]:
+    banks = [Target(topology.participant_queue(b), PARTICIPANT_ACCEPTS, 0.15) for b in BANKS]
+    return [
+        Target(topology.COORDINATOR_QUEUE, COORDINATOR_ACCEPTS, 0.4),
+        *banks,
+        client_target(client_queue, 0.15),
+    ]
+
+
+def _warm_up_sizes(publisher: HostilePublisher, corpus: Corpus) -> None:
+    """A body exactly at the size limit, and one byte past it, to every service: the largest
+    buffers a service ever allocates are allocated before its RSS is taken as the baseline."""
+    limit = corpus.ctx.limits.max_message_bytes
+    for target in publisher.targets:
+        if not target.client:
+            for size in (limit, limit + 1):
+                publisher.publish_one(corpus.padded(size), target)
+
+
+def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
+    """Run the fuzz; ``result.ok`` says whether every check passed."""
+    began = time.monotonic()
+    seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+    rng = random.Random(seed)
+    run_id = uuid.UUID(int=rng.getrandbits(128)).hex[:8]
+    transfers = cfg.transfers or max(60, cfg.messages // 100)
+    say = cfg.on_progress or (lambda _text: None)
+    chaos_cfg = ChaosConfig(
+        amqp_url=cfg.amqp_url,
+        pg_url=cfg.pg_url,
+        data_dir=cfg.data_dir,
+        transfers=transfers,
+        kills=0,
+        concurrency=cfg.concurrency,
+        seed=seed,
+        broker_restart=False,
+        crashpoints=False,
+        tx_timeout_s=cfg.tx_timeout_s,
+        answer_timeout_s=cfg.answer_timeout_s,
+        quiet_timeout_s=cfg.quiet_timeout_s,
+    )
+    accounts = max(32, 4 * cfg.concurrency)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    base = ChaosResult(transfers=transfers, seed=seed, data_dir=str(cfg.data_dir))
+    result = FuzzResult(base=base, messages=cfg.messages)
+    coordinator_log = str(cfg.data_dir / "coordinator.log.db")
+    bank_c_db = str(cfg.data_dir / f"{RESERVATION_BANK}.db")
+    databases = {name: bank_c_db if name == RESERVATION_BANK else cfg.pg_url for name in BANKS}
+    opening: dict[tuple[str, str], int] = {}
+    for name, url in databases.items():
+        balances = {f"{name}-{i}": OPENING_BALANCE for i in range(accounts)}
+        bank.open_accounts(url, name, balances.items())
+        opening.update({(name, account): amount for account, amount in balances.items()})
+    base.total_before = sum(opening.values())
+
+    services = ServiceGroup(
+        cfg.amqp_url,
+        cfg.data_dir,
+        # a demo on this machine may hold the metrics port; a flood needs no metrics endpoint
+        extra_env={"TWOPHASE_METRICS_PORT": "0", "TWOPHASE_LIVENESS_TIMEOUT": "3"},
+    )
+    observer: Observer | None = None
+    publisher: HostilePublisher | None = None
+    try:
+        services.start_coordinator(TWOPHASE_LOG_URL=coordinator_log)
+        for name, url in databases.items():
+            if name == RESERVATION_BANK:
+                services.start_bank(name, url, "reservation", TWOPHASE_LOG_URL=url)
+            else:
+                services.start_bank(name, url, "postgres")
+        services.wait_ready(
+            [topology.COORDINATOR_QUEUE, *(topology.participant_queue(b) for b in BANKS)]
+        )
+        with Client(cfg.amqp_url, connect_attempts=5) as client:
+            targets = _targets(client.reply_queue)
+            ledger = Ledger()
+            observer = Observer(cfg.amqp_url, ledger, [t.queue for t in targets])
+            observer.start_and_wait()
+            budget = max(8 << 20, min(128 << 20, cfg.messages << 10))
+            corpus = Corpus(
+                random.Random(rng.getrandbits(64)),
+                Context(BANKS, [client.reply_queue], now_ms, big_budget=budget),
+            )
+            publisher = HostilePublisher(
+                cfg.amqp_url,
+                ledger,
+                corpus,
+                targets,
+                observer,
+                rng=random.Random(rng.getrandbits(64)),
+                replay_share=cfg.replay_share,
+                now_ms=now_ms,
+            )
+            load = Load(client, chaos_cfg, random.Random(rng.getrandbits(64)), run_id, accounts)
+            _flood(cfg, result, services, publisher, corpus, load, say)
+            say("hostile messages sent; waiting for the real transfers' answers")
+            load.wait_for_answers(cfg.answer_timeout_s)
+            client_alive = _client_alive(client)
+        say("waiting until quiet")
+        inspector = _FuzzInspector(
+            set(load.transfers), cfg.pg_url, cfg.data_dir, coordinator_log, bank_c_db
+        )
+        try:
+            fault_log = FaultLog()
+            _quiet_at, doubt, services_up = _wait_quiet(chaos_cfg, services, inspector, fault_log)
+            _wait_for_dead_letters(ledger, cfg.dead_letter_wait_s)
+            result.rss_end = {n: rss_kib(p.pid) for n, p in services.processes.items()}
+            result.pids_end = {n: p.pid for n, p in services.processes.items()}
+            result.exits = {n: p.poll() for n, p in services.processes.items() if p.poll()}
+            judge(
+                base,
+                load.transfers,
+                load.abort_reasons,
+                load.client_errors,
+                inspector,
+                opening,
+                doubt,
+                services_up,
+                client_alive,
+                fault_log,
+            )
+            fuzz_checks(result, ledger, publisher.stats, inspector, set(load.transfers))
+        finally:
+            inspector.close()
+    finally:
+        if publisher is not None:
+            publisher.close()
+        if observer is not None:
+            observer.stop()
+        services.stop_all()
+    base.total_s = result.total_s = time.monotonic() - began
+    return result
+
+
+def _flood(
+    cfg: FuzzConfig,
+    result: FuzzResult,
+    services: ServiceGroup,
+    publisher: HostilePublisher,
+    corpus: Corpus,
+    load: Load,
+    say: Any,
+) -> None:
+    """Warm up, take the baseline (RSS, PIDs), then the rest of the hostile messages, with the
+    real transfers spread over the whole flood."""
+    done = threading.Event()
+    messages = cfg.messages
+    per_transfer = messages / max(1, load.cfg.transfers)
+
+    def gate(i: int) -> None:
+        while not done.is_set() and publisher.stats.sent < i * per_transfer:
+            time.sleep(0.02)
+
+    loader = threading.Thread(target=load.run, args=(gate,), name="twophase-fuzz-load")
+    loader.start()
+    try:
+        warm = max(100, min(5_000, messages // 20))
+        began = time.monotonic()
+        _warm_up_sizes(publisher, corpus)
+        publisher.publish(max(0, min(messages, warm) - publisher.stats.sent))
+        _wait_for_room(publisher, load)
+        result.warmup_s = time.monotonic() - began
+        result.rss_warm = {n: rss_kib(p.pid) for n, p in services.processes.items()}
+        result.pids_warm = {n: p.pid for n, p in services.processes.items()}
+        say(f"warmed up with {publisher.stats.sent} hostile messages; RSS {result.rss_warm} KiB")
+        began = time.monotonic()
+        next_report = [began + 10]
+
+        def progress() -> None:
+            now = time.monotonic()
+            rss = {n: rss_kib(p.pid) for n, p in services.processes.items()}
+            for name, kib in rss.items():
+                result.rss_peak[name] = max(result.rss_peak.get(name, 0), kib)
+            if now >= next_report[0]:
+                next_report[0] = now + 10
+                say(
+                    f"{publisher.stats.sent}/{messages} hostile messages, "
+                    f"{load.seen}/{load.cfg.transfers} transfers answered, "
+                    f"{publisher.ledger.dead_total} dead letters"
+                )
+
+        publisher.publish(max(0, messages - publisher.stats.sent), on_batch=progress)
+        result.flood_s = time.monotonic() - began
+    finally:
+        done.set()
+        loader.join()
+
+
+def _wait_for_room(publisher: HostilePublisher, load: Load, timeout_s: float = 120.0) -> None:
+    """Until the protocol queues are drained and the warm-up share of transfers answered."""
+    deadline = time.monotonic() + timeout_s
+    want = max(1, load.cfg.transfers // 20)
+    while time.monotonic() < deadline:
+        if not any(publisher.depths().values()) and load.seen >= min(want, load.submitted):
+            break
+        publisher.connection.sleep(0.2)
+    publisher.connection.sleep(1.0)  # the last batches' garbage is collected
+
+
+def _wait_for_dead_letters(ledger: Ledger, timeout_s: float) -> None:
+    """Until every expected dead letter arrived, or none arrived for a few seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ledger.matched_dead() >= ledger.expected_dead():
+            return
+        if time.monotonic() - ledger.last_dead_at > 10:
+            return
+        time.sleep(0.2)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def run_fuzz_command(args: argparse.Namespace) -> int:
+    import os
+
+    url = config.amqp_url(args.amqp_url)
+    try:
+        AmqpChannel(url, connection_name="twophase-fuzz-probe", connect_attempts=8).close()
+    except BrokerUnavailable as exc:
+        print(f"twophase fuzz: {exc}", file=sys.stderr)
+        return 2
+    if not Broker.available():
+        print("twophase fuzz: needs rabbitmqctl on the PATH (for a fresh vhost)", file=sys.stderr)
+        return 2
+    pg_server = args.pg_url or os.environ.get("TWOPHASE_TEST_PG_URL") or DEFAULT_PG_URL
+    run_id = "fuzz-" + uuid.uuid4().hex[:8]
+    try:
+        db_name, pg_url = _fresh_database(pg_server, run_id.replace("-", "_"))
+    except (psycopg.Error, RuntimeError) as exc:
+        print(f"twophase fuzz: PostgreSQL at {pg_server}: {exc}", file=sys.stderr)
+        return 2
+    vhost, amqp_url = _fresh_vhost(url, run_id)
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="twophase-fuzz-"))
+
+    def say(text: str) -> None:
+        print(f"twophase fuzz: {text}", file=sys.stderr, flush=True)
+
+    cfg = FuzzConfig(
+        amqp_url=amqp_url,
+        pg_url=pg_url,
+        data_dir=data_dir,
+        messages=args.messages,
+        transfers=args.transfers,
+        seed=args.seed,
+        on_progress=say,
+    )
+    try:
+        result = run_fuzz(cfg)
+    finally:
+        if not args.keep:
+            _drop_database(pg_server, db_name)
+            Broker.ctl("delete_vhost", vhost, check=False)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print_report(result)
+    if args.keep:
+        say(f"kept: database {db_name}, vhost {vhost}, files in {data_dir}")
+    return 0 if result.ok else 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amqp-url", help="RabbitMQ URL [TWOPHASE_AMQP_URL]; a fresh vhost is made")
+    p.add_argument("--pg-url", help="PostgreSQL server; a fresh database is made on it")
+    p.add_argument("--data-dir", help="where the logs and outputs go (default: a temporary dir)")
+    p.add_argument("--messages", type=int, default=10_000, help="hostile messages (default 10000)")
+    p.add_argument("--transfers", type=int, default=None, help="real transfers (default N/100)")
+    p.add_argument("--seed", type=int, default=None, help="random seed of inputs and load")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--keep", action="store_true", help="keep the vhost and database afterwards")
