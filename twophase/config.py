@@ -19,6 +19,8 @@ TWOPHASE_MAX_ARGS_BYTES        one branch's args, encoded as JSON (16384)
 TWOPHASE_MAX_REASON_BYTES      reasons longer than this are cut, never refused (1000)
 TWOPHASE_MAX_TIMEOUT           a transaction's vote timeout, seconds (600)
 TWOPHASE_MAX_TX_ID_LENGTH      characters of a tx_id, 1 to 88 (64)
+TWOPHASE_PARTICIPANTS          coordinator: participant names, comma-separated, whose liveness
+                               is reported from the start (others once they take part)
 =============================  ==========================================================
 
 The ``TWOPHASE_MAX_*`` limits (:func:`limits`) must be the same in every process of a deployment,
@@ -33,7 +35,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from schemas import topology
 from schemas.validation import DEFAULT_LIMITS, TX_ID_HARD_MAX, Limits
+from twophase.redaction import redact_url
 from twophase.store import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -49,7 +53,7 @@ def amqp_url(flag: str | None = None) -> str:
     url = setting(flag, "TWOPHASE_AMQP_URL", DEFAULT_AMQP_URL)
     if not url.startswith(("amqp://", "amqps://")):
         raise ConfigurationError(
-            f"TWOPHASE_AMQP_URL / --amqp-url {url!r} is not an AMQP URL: "
+            f"TWOPHASE_AMQP_URL / --amqp-url {redact_url(url)!r} is not an AMQP URL: "
             "use amqp://USER:PASSWORD@HOST:5672/VHOST"
         )
     return url
@@ -141,3 +145,17 @@ def limits(environ: Mapping[str, str] | None = None) -> Limits:
         return dataclasses.replace(DEFAULT_LIMITS, **values)
     except ValueError as exc:  # Limits checks more than the bounds above; say it in one line
         raise ConfigurationError(f"TWOPHASE_MAX_*: {exc}") from None
+
+
+def participant_names() -> tuple[str, ...]:
+    """``TWOPHASE_PARTICIPANTS``: the deployment's participants, comma-separated (optional:
+    the coordinator reports their liveness from the start)."""
+    text = os.environ.get("TWOPHASE_PARTICIPANTS", "")
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if not topology.is_valid_participant_name(name):
+            raise ConfigurationError(
+                f"TWOPHASE_PARTICIPANTS: {name!r} is not a participant name (letters, digits, "
+                "'.', '_' or '-', at most 100)"
+            )
+    return names

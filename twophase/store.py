@@ -141,7 +141,7 @@ def database_url(value: str) -> str:
     """Normalise a database setting to a SQLAlchemy URL string (see the module docstring)."""
     text = value.strip()
     unsupported = ConfigurationError(
-        f"unsupported database URL {value!r}: "
+        f"unsupported database URL {redact_url(value)!r}: "
         "use a file path, sqlite:///PATH or postgresql://USER@HOST/DB"
     )
     if not text:

@@ -171,13 +171,14 @@ def test_max_prepared_transactions_zero(tmp_path: Path, amqp_url: str, pg_url: s
         (["participant", "--app", "twophase.bank"], "must look like"),
         (["participant", "--app", "twophase.bank:no_such_bank"], "no attribute"),
         (["coordinator", "--log-url", "mysql://u:s3cret-pw@h/db"], "unsupported database URL"),
-        (["coordinator", "--amqp-url", "http://localhost/"], "not an AMQP URL"),
+        (["coordinator", "--amqp-url", "http://u:s3cret-pw@localhost/"], "not an AMQP URL"),
     ],
 )
 def test_bad_settings(tmp_path: Path, argv: list[str], words: str) -> None:
     status, lines = run(argv, env(tmp_path, TWOPHASE_AMQP_URL=f"amqp://guest:guest@{CLOSED}/"))
     assert status == 2, lines
     assert len(lines) == 1 and words in lines[0], lines
+    assert SECRET not in lines[0]
 
 
 def test_a_bad_native_branch_url(tmp_path: Path, amqp_url: str, pg_server: str) -> None:

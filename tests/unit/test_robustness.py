@@ -200,6 +200,15 @@ def test_resource_unavailable_is_an_outage_and_redacted() -> None:
     assert "s3cret" not in str(error) and "bank:***@db" in str(error)
 
 
+def test_bad_urls_are_shown_without_their_password() -> None:
+    with pytest.raises(ConfigurationError) as amqp:
+        config.amqp_url("http://u:s3cret@h/")
+    with pytest.raises(ConfigurationError) as database:
+        store.database_url("mysql://u:s3cret@h/db")
+    for error in (amqp.value, database.value):
+        assert "s3cret" not in str(error) and "u:***@h" in str(error)
+
+
 def test_one_redaction_helper() -> None:
     assert resources.redact_url is redaction.redact_url
     assert store._redacted(sa.make_url("postgresql+psycopg://u:pw@h/db")) == (
