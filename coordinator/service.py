@@ -55,6 +55,9 @@ class CoordinatorConfig:
     metrics_best_effort: bool = False
     #: what inbound messages may be (every process of a deployment uses the same)
     limits: Limits = DEFAULT_LIMITS
+    #: participants known from the start (``TWOPHASE_PARTICIPANTS``): they get a
+    #: ``twophase_participant_up`` series at once; others once they take part in a transaction
+    participants: tuple[str, ...] = ()
 
 
 class CoordinatorService(BatchDriver[CoordinatorRecord]):
@@ -87,7 +90,7 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         self.core = CoordinatorCore(config.settings, started_ms=now_ms())
         #: participants that took part in a transaction: only these get metric series, so
         #: heartbeats with made-up names cannot grow the metrics without bound
-        self.known_participants: set[str] = set()
+        self.known_participants: set[str] = set(config.participants)
         self._lookups: list[str] = []
         self.retention_s = config.retention_s
         self.every(60.0, self._collect_garbage)

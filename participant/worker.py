@@ -45,7 +45,7 @@ from participant.operations import (
 from participant.resources import CommitsAtOnce, Finish, Resource, SharesTransactions
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
-from schemas.validation import DEFAULT_LIMITS, PARTICIPANT_ACCEPTS, Limits
+from schemas.validation import PARTICIPANT_ACCEPTS, Limits
 from twophase import config, logs, outages, store, tracing
 from twophase.amqp import AmqpChannel
 from twophase.crashpoints import crashpoint
@@ -123,7 +123,7 @@ class Participant:
         self.prefetch = prefetch
         self.settings = settings or ParticipantSettings()
         #: what inbound messages may be (every process of a deployment uses the same)
-        self.limits = limits or DEFAULT_LIMITS
+        self.limits = limits or config.limits()
         #: Prometheus endpoint (TWOPHASE_METRICS_PORT; 0, the default, serves none)
         self.metrics_port = config.metrics_port(metrics_port, 0)
         #: where the metrics are registered (default: the global registry); given one, the

@@ -229,6 +229,11 @@ class AmqpChannel:
         self._connect(connect_attempts)
 
     @property
+    def url(self) -> str:
+        """The broker's URL, password included: redact it before showing it."""
+        return self._url
+
+    @property
     def generation(self) -> int:
         return self._generation
 

@@ -32,11 +32,17 @@ def _coordinator(args: argparse.Namespace) -> int:
     from coordinator.service import CoordinatorConfig, run_coordinator
 
     liveness = config.number(args.liveness_timeout, "TWOPHASE_LIVENESS_TIMEOUT", 3.0, minimum=0.1)
+    limits = config.limits()
     settings = CoordinatorSettings(
         liveness_timeout_ms=int(liveness * 1000),
         one_phase=config.switch(args.one_phase, "TWOPHASE_ONE_PHASE", True),
+        min_timeout_ms=limits.min_timeout_ms,
+        max_timeout_ms=limits.max_timeout_ms,
+        max_branches=limits.max_branches,
     )
     coordinator = CoordinatorConfig(
+        limits=limits,
+        participants=config.participant_names(),
         amqp_url=config.amqp_url(args.amqp_url),
         log_url=config.log_url(args.log_url, "coordinator", args.data_dir),
         prefetch=int(config.number(args.prefetch, "TWOPHASE_PREFETCH", 512, minimum=1)),

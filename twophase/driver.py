@@ -177,6 +177,9 @@ class BatchDriver(ABC, Generic[R]):
         self.watch = outages.DependencyWatch(
             self.side, self.dependencies(), self.metrics_registry()
         )
+        #: RabbitMQ is probed by reconnecting, not by the watch; it is only reported through it
+        self._broker = outages.Dependency("rabbitmq", str(getattr(channel, "url", "")), _no_probe)
+        self.watch.report_up(self._broker)
         self._rejections: dict[str, int] = {}
         self.every(10.0, self._report_rejections)
         stats_file = os.environ.get(selfstats.ENV)
@@ -314,15 +317,16 @@ class BatchDriver(ABC, Generic[R]):
     def _recover_connection(self, exc: ConnectionLost) -> None:
         """Reconnect and re-publish the last batch's messages, as often as the broker bounces."""
         while True:
-            log.warning("%s: connection to RabbitMQ lost (%s); reconnecting", self.side, exc)
+            self.watch.lost(self._broker, str(exc))
             self.stats.reconnects += 1
             self.channel.reconnect()
             try:
                 self._republish()
-                log.warning("%s: connected to RabbitMQ again", self.side)
-                return
             except ConnectionLost as again:
                 exc = again
+            else:
+                self.watch.regained(self._broker)
+                return
 
     def _after_failure(self, exc: Exception) -> None:
         """A batch failed: nothing of it left the process, so the process is treated as if it
@@ -610,6 +614,10 @@ class BatchDriver(ABC, Generic[R]):
             self.run()
         finally:
             self.channel.close()
+
+
+def _no_probe() -> None:
+    pass
 
 
 def _digest(delivery: Delivery) -> bytes:

@@ -163,7 +163,11 @@ class DependencyWatch:
         self._down_since: dict[str, float] = {}
         self._gauge = _gauge(registry)
         for dependency in dependencies:
-            self._gauge.labels(dependency.name).set(1)
+            self.report_up(dependency)
+
+    def report_up(self, dependency: Dependency) -> None:
+        """Report ``dependency`` as up without a probe (it is known to answer)."""
+        self._gauge.labels(dependency.name).set(1)
 
     @property
     def down(self) -> list[str]:

@@ -75,6 +75,7 @@ def coordinator_port(amqp_url: str, tmp_path: Path) -> Iterator[int]:
             settings=CoordinatorSettings(liveness_timeout_ms=2_000),
             metrics_port=port,
             metrics_registry=CollectorRegistry(),
+            participants=("bank-x",),
         )
     )
     thread = threading.Thread(target=service.serve_forever, daemon=True)
