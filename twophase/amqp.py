@@ -157,6 +157,9 @@ def _enable_pipelined_confirms(
     return impl
 
 
+_warned_unbounded: list[bool] = []
+
+
 def _declare_dead_letter_queue(connection: Any) -> None:
     """Declare the dead-letter queue with its bounds, on a channel of its own: a queue declared
     earlier without them makes the broker refuse (and close that channel); it is then used as it
@@ -169,12 +172,14 @@ def _declare_dead_letter_queue(connection: Any) -> None:
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:  # PRECONDITION_FAILED: declared before with other arguments
             raise
-        log.warning(
-            "the dead-letter queue %s exists without the bounds %s; bound it with a policy "
-            "(rabbitmqctl set_policy) or delete it so that it is declared again",
-            DEAD_LETTER_QUEUE,
-            dead_letter_queue_arguments(),
-        )
+        if not _warned_unbounded:  # once per process, not once per connection
+            _warned_unbounded.append(True)
+            log.warning(
+                "the dead-letter queue %s was declared by an older version without its bounds "
+                "(x-max-length, x-max-length-bytes); delete it while empty so that it is "
+                "declared again, or bound it with a policy (rabbitmqctl set_policy)",
+                DEAD_LETTER_QUEUE,
+            )
         return
     probe.close()
 

@@ -47,7 +47,7 @@ def test_an_unbounded_dead_letter_queue_of_an_older_version_is_used_with_a_warni
         channel = AmqpChannel(amqp_url)
     try:
         channel.declare_queue("twophase.participant.bank-a")
-        assert any("without the bounds" in r.getMessage() for r in caplog.records)
+        assert any("without its bounds" in r.getMessage() for r in caplog.records)
     finally:
         channel.close()
 
