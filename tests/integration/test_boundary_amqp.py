@@ -11,6 +11,7 @@ import pytest
 
 from schemas import topology
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
+from twophase import amqp
 from twophase.amqp import AmqpChannel, PublishRefused
 
 pytestmark = pytest.mark.integration
@@ -38,8 +39,9 @@ def test_the_dead_letter_queue_is_declared_with_its_bounds(amqp_url: str) -> Non
 
 
 def test_an_unbounded_dead_letter_queue_of_an_older_version_is_used_with_a_warning(
-    amqp_url: str, caplog: pytest.LogCaptureFixture
+    amqp_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(amqp, "_warned_unbounded", [])  # warned once per process
     connection = _admin(amqp_url)
     connection.channel().queue_declare(DEAD_LETTER_QUEUE, durable=True)  # no arguments
     connection.close()
