@@ -190,14 +190,14 @@ def database_dependency(name: str, url: str) -> outages.Dependency:
 
 
 def broker_dependency(service: str, url: str) -> outages.Dependency:
-    """RabbitMQ: open a connection and close it."""
+    """RabbitMQ (named as the drivers name it): open a connection and close it."""
 
     def probe() -> None:
         from twophase.amqp import AmqpChannel
 
         AmqpChannel(url, connection_name=f"twophase-{service}-start").close()
 
-    return checked(outages.Dependency("broker", url, probe))
+    return checked(outages.Dependency("rabbitmq", url, probe))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -247,7 +247,7 @@ def test_coordinator_waits_for_a_broker_that_is_down(tmp_path: Path) -> None:
     out = tmp_path / "coordinator.out"
     broker = f"amqp://guest:{SECRET}@{CLOSED}/"
     with started(["coordinator"], env(tmp_path, TWOPHASE_AMQP_URL=broker), out) as process:
-        wait_for_line(out, "lost broker")
+        wait_for_line(out, "lost rabbitmq")
         time.sleep(3)
         assert process.poll() is None, lines_of(out)
     lost = [line for line in lines_of(out) if "lost" in line]
@@ -328,7 +328,7 @@ def test_coordinator_starts_once_the_broker_answers(tmp_path: Path, amqp_url: st
     out = tmp_path / "coordinator.out"
     try:
         with started(["coordinator"], env(tmp_path, TWOPHASE_AMQP_URL=relayed), out) as process:
-            wait_for_line(out, "lost broker")
+            wait_for_line(out, "lost rabbitmq")
             time.sleep(1)
             relay.open()
             wait_for_line(out, "is back after")
@@ -337,5 +337,5 @@ def test_coordinator_starts_once_the_broker_answers(tmp_path: Path, amqp_url: st
     finally:
         relay.close()
     lines = lines_of(out)
-    assert len([line for line in lines if "lost broker" in line]) == 1, lines
+    assert len([line for line in lines if "lost rabbitmq" in line]) == 1, lines
     assert len([line for line in lines if "is back after" in line]) == 1, lines
