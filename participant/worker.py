@@ -116,7 +116,7 @@ class Participant:
         self.amqp_url = config.amqp_url(amqp_url)
         self.log_url = config.log_url(log_url, name)
         self.heartbeat_interval_s = heartbeat_interval_s or config.number(
-            None, "TWOPHASE_HEARTBEAT_INTERVAL", 1.0, minimum=0.05
+            None, "TWOPHASE_HEARTBEAT_INTERVAL", 1.0, minimum=0.05, maximum=30.0
         )
         self.orphan_after_s = orphan_after_s
         self.retention_s = retention_s
@@ -233,6 +233,10 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.recover()
         if app.metrics_port:
             self.metrics_server = MetricsServer(app.metrics_port, app.metrics_registry)
+
+    @property
+    def name(self) -> str:
+        return f"participant {self.app.name}"
 
     def dependencies(self) -> list[outages.Dependency]:
         found = [outages.Dependency("log", self.app.log_url, self.prepare_log.log.probe)]

@@ -73,6 +73,7 @@ from twophase.chaos_faults import (
     restart_dead_services,
 )
 from twophase.processes import ServiceGroup
+from twophase.redaction import redact_url
 
 __all__ = ["ChaosConfig", "ChaosResult", "Check", "print_summary", "run_chaos"]
 
@@ -552,7 +553,7 @@ def run_chaos_command(args: argparse.Namespace) -> int:
     try:
         db_name, pg_url = _fresh_database(pg_server, run_id)
     except (psycopg.Error, RuntimeError) as exc:
-        print(f"twophase chaos: PostgreSQL at {pg_server}: {exc}", file=sys.stderr)
+        print(f"twophase chaos: PostgreSQL at {redact_url(pg_server)}: {exc}", file=sys.stderr)
         return 2
     vhost, amqp_url = _fresh_vhost(url, run_id)
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="twophase-chaos-"))

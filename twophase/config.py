@@ -69,14 +69,22 @@ def log_url(flag: str | None, default_name: str, data_dir_flag: str | None = Non
     )
 
 
-def number(flag: str | None, variable: str, default: float, *, minimum: float = 0.0) -> float:
+def number(
+    flag: str | None,
+    variable: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float = float("inf"),
+) -> float:
     text = setting(flag, variable, str(default))
     try:
         value = float(text)
     except ValueError:
         raise ConfigurationError(f"{variable} must be a number, got {text!r}") from None
-    if value < minimum:
-        raise ConfigurationError(f"{variable} must be at least {minimum}, got {value}")
+    if not minimum <= value <= maximum:  # also refuses nan
+        bounds = f"at least {minimum}" if maximum == float("inf") else f"{minimum} to {maximum}"
+        raise ConfigurationError(f"{variable} must be {bounds}, got {value}")
     return value
 
 

@@ -136,6 +136,11 @@ class BatchDriver(ABC, Generic[R]):
     #: crash point names are "<side>.after_persist" etc.
     side = "driver"
 
+    @property
+    def name(self) -> str:
+        """How log lines name this service."""
+        return self.side
+
     def __init__(
         self,
         channel: AmqpChannel,
@@ -175,7 +180,7 @@ class BatchDriver(ABC, Generic[R]):
         self.trace: Any = None
         self.metrics: Any = None
         self.watch = outages.DependencyWatch(
-            self.side, self.dependencies(), self.metrics_registry()
+            self.name, self.dependencies(), self.metrics_registry()
         )
         #: RabbitMQ is probed by reconnecting, not by the watch; it is only reported through it
         self._broker = outages.Dependency("rabbitmq", str(getattr(channel, "url", "")), _no_probe)
@@ -338,7 +343,7 @@ class BatchDriver(ABC, Generic[R]):
         if cause is None:
             self._suspect(exc)
         else:
-            log.warning("%s: a batch failed on an outage (%s)", self.side, cause)
+            log.warning("%s: a batch failed on an outage (%s)", self.name, cause)
         self._restart()
 
     def _suspect(self, exc: Exception) -> None:
@@ -346,7 +351,7 @@ class BatchDriver(ABC, Generic[R]):
         culprits = [self._handling] if self._handling is not None else self._batch
         log.error(
             "%s: handling %d message(s) raised %s; they are retried at most %d times",
-            self.side,
+            self.name,
             len(culprits),
             error,
             POISON_ATTEMPTS,
@@ -365,7 +370,7 @@ class BatchDriver(ABC, Generic[R]):
         self._held.clear()
         self._batch, self._handling = [], None
         try:
-            for attempt in outages.retrying(until=self._stop, what=f"{self.side}: restarting"):
+            for attempt in outages.retrying(until=self._stop, what=f"{self.name}: restarting"):
                 with attempt:
                     self.watch.wait_until_up(self._stop)
                     if self._stop.is_set():
@@ -380,7 +385,7 @@ class BatchDriver(ABC, Generic[R]):
             if self._stop.is_set():
                 return
             raise
-        log.info("%s: state rebuilt from the log; serving again", self.side)
+        log.info("%s: state rebuilt from the log; serving again", self.name)
 
     def turn(self) -> None:
         now = now_ms()
@@ -490,7 +495,7 @@ class BatchDriver(ABC, Generic[R]):
             counts = ", ".join(
                 f"{n} {category}" for category, n in sorted(self._rejections.items())
             )
-            log.warning("%s: dead-lettered messages from %s: %s", self.side, self.queue, counts)
+            log.warning("%s: dead-lettered messages from %s: %s", self.name, self.queue, counts)
             self._rejections.clear()
 
     def _run_events(self, events: deque[tuple[Any, Delivery | None]], now: int) -> None:
@@ -593,7 +598,7 @@ class BatchDriver(ABC, Generic[R]):
                     return
             self.channel.publish(queue, body, headers=headers)
         except PublishRefused as exc:
-            log.warning("%s: cannot publish to %s (%s); dropped", self.side, queue[:80], exc)
+            log.warning("%s: cannot publish to %s (%s); dropped", self.name, queue[:80], exc)
             for send in sends:
                 self._injected.extend(self.on_unroutable(send))
             return

@@ -87,7 +87,10 @@ class HeartbeatSender:
         """A channel, once the broker answers: attempts follow the shared back-off (each failure
         logged at DEBUG), not the heartbeat period. None if stopped meanwhile."""
         retrying = outages.retrying(
-            until=self._stop, what=f"heartbeats of {self.participant}: connecting to RabbitMQ"
+            until=self._stop,
+            what=f"heartbeats of {self.participant}: connecting to RabbitMQ",
+            # back within a period of the broker's return: a longer silence reads as "down"
+            max_wait=max(0.1, self.interval_s),
         ).copy(sleep=self._stop.wait)  # stop() ends the wait at once
         while not self._stop.is_set():
             try:

@@ -46,7 +46,6 @@ _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
-_SERVER_GONE = ("57P01", "57P02", "57P03", "08000", "08003", "08006", "08001", "08004")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -59,14 +58,25 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def outage_cause(exc: BaseException) -> str | None:
-    """One line naming the outage behind ``exc``, or None when ``exc`` is not an outage."""
+    """One line naming the outage behind ``exc``, or None when ``exc`` is not an outage.
+
+    An error the server answered with (a SQLSTATE) is an outage only when it says the server
+    is going away, refuses connections or lacks resources: a lock timeout or a constraint is an
+    answer, and waiting would not change it.
+    """
     for link in _chain(exc):
-        sqlstate = getattr(link, "sqlstate", None)
-        if isinstance(link, _OUTAGE_TYPES) or sqlstate in _SERVER_GONE:
-            return one_line(link)
         if isinstance(link, sqlalchemy.exc.DBAPIError) and link.connection_invalidated:
             return one_line(link)
+        sqlstate = getattr(getattr(link, "orig", None) or link, "sqlstate", None)
+        if sqlstate is not None:
+            return one_line(link) if _server_gone(sqlstate) else None
+        if isinstance(link, _OUTAGE_TYPES):
+            return one_line(link)
     return None
+
+
+def _server_gone(sqlstate: str) -> bool:
+    return sqlstate.startswith(("08", "53", "57P")) or sqlstate == "3D000"
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -81,11 +91,12 @@ def one_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
-def backoff() -> tenacity.wait.wait_base:
+def backoff(max_wait: float = MAX_WAIT_S) -> tenacity.wait.wait_base:
     """The wait between attempts to reach a dependency that is down."""
-    return tenacity.wait_exponential(
-        multiplier=INITIAL_WAIT_S, max=MAX_WAIT_S
-    ) + tenacity.wait_random(0, INITIAL_WAIT_S)
+    initial = min(INITIAL_WAIT_S, max_wait)
+    return tenacity.wait_exponential(multiplier=initial, max=max_wait) + tenacity.wait_random(
+        0, initial
+    )
 
 
 def retrying(
@@ -93,6 +104,7 @@ def retrying(
     stop: tenacity.stop.stop_base | None = None,
     until: threading.Event | None = None,
     what: str = "",
+    max_wait: float = MAX_WAIT_S,
 ) -> tenacity.Retrying:
     """Retry on outages only, with :func:`backoff`; forever unless ``stop``, or until ``until``
     is set. Each retry is logged at DEBUG (the loss and the return are logged once, by
@@ -114,7 +126,7 @@ def retrying(
 
     return tenacity.Retrying(
         stop=stops,
-        wait=backoff(),
+        wait=backoff(max_wait),
         retry=tenacity.retry_if_exception(is_outage),
         before_sleep=before_sleep,
         reraise=True,

@@ -364,8 +364,9 @@ def test_heartbeats_reconnect_with_back_off_not_once_a_period(
     reconnects = attempts[1:]
     gaps = [b - a for a, b in itertools.pairwise(reconnects)]
     assert len(reconnects) == 5
-    for i, gap in enumerate(gaps):  # doubling from 0.1 s, not once per 0.5 s period
-        assert gap >= outages.INITIAL_WAIT_S * 2**i * 0.9, gaps
+    for i, gap in enumerate(gaps):  # doubling from 0.1 s up to the 0.5 s period, no further
+        assert gap >= min(outages.INITIAL_WAIT_S * 2**i, 0.5) * 0.9, gaps
+        assert gap <= 0.5 + outages.INITIAL_WAIT_S + 0.2, gaps
     lines = [r.getMessage() for r in caplog.records if r.name == "twophase.heartbeat"]
     assert len(lines) == 2, lines
     assert "connection to RabbitMQ lost (ConnectionLost: connection reset)" in lines[0]
