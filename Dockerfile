@@ -3,7 +3,7 @@
 #   docker run IMAGE coordinator
 #   docker run IMAGE participant --app twophase.bank:from_env
 # Configuration comes from TWOPHASE_* and the standard OTEL_* environment variables
-# (see twophase/config.py and compose/docker-compose.yml).
+# (see runtime/config.py and compose/docker-compose.yml).
 
 FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

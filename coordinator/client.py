@@ -13,10 +13,10 @@ then; the coordinator treats the copies as the same transaction.
 
 A transaction the coordinator would refuse (too many branches, args too large, a bad ``tx_id``:
 see :class:`schemas.validation.Limits`) raises :class:`LimitExceeded` before anything is sent;
-give the client the deployment's limits (``Client(limits=twophase.config.limits())``).
+give the client the deployment's limits (``Client(limits=runtime.config.limits())``).
 
 When RabbitMQ goes away, the client logs one line, reconnects with the shared back-off of
-:mod:`twophase.outages`, logs one line when it is back and re-sends what is waiting. A caller
+:mod:`runtime.outages`, logs one line when it is back and re-sends what is waiting. A caller
 waiting meanwhile keeps waiting; it gets :class:`OutcomeUnknown` only at its own ``wait``.
 """
 
@@ -36,6 +36,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from runtime import config, outages, tracing
+from runtime.amqp import AmqpChannel, ConnectionLost
+from runtime.driver import now_ms
+from runtime.redaction import redact_url
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
 from schemas.messages import (
@@ -56,10 +60,6 @@ from schemas.validation import (
     size_problem,
     tx_id_problem,
 )
-from twophase import config, outages, tracing
-from twophase.amqp import AmqpChannel, ConnectionLost
-from twophase.driver import now_ms
-from twophase.redaction import redact_url
 
 log = logging.getLogger("twophase.client")
 
@@ -123,7 +123,7 @@ class Client:
     ) -> None:
         """``amqp_url`` defaults to ``TWOPHASE_AMQP_URL`` (else the local broker);
         ``connect_attempts`` bounds the first connection only (later ones wait for the broker);
-        ``limits`` are the deployment's (see :func:`twophase.config.limits`)."""
+        ``limits`` are the deployment's (see :func:`runtime.config.limits`)."""
         self.amqp_url = config.amqp_url(amqp_url)
         self.limits = limits
         self.client_id = uuid.uuid4().hex

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from runtime.journal import Journal
 from schemas.codec import decode_coordinator_record
 from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord
-from twophase.journal import Journal
 
 TABLE = "twophase_coordinator_log"
 

@@ -18,17 +18,17 @@ from coordinator.core import (
     Unroutable,
 )
 from coordinator.log import DecisionLog
+from runtime import logs, outages, tracing
+from runtime.amqp import AmqpChannel
+from runtime.driver import BatchDriver, now_ms
+from runtime.metrics import CoordinatorMetrics, MetricsServer
+from runtime.redaction import redact_url
+from runtime.store import ConfigurationError
 from schemas import topology
 from schemas.effects import Send
 from schemas.messages import Prepare
 from schemas.records import COORDINATOR_FINISHED_KINDS, CoordinatorRecord, TxBegun
 from schemas.validation import COORDINATOR_ACCEPTS, DEFAULT_LIMITS, Limits
-from twophase import logs, outages, tracing
-from twophase.amqp import AmqpChannel
-from twophase.driver import BatchDriver, now_ms
-from twophase.metrics import CoordinatorMetrics, MetricsServer
-from twophase.redaction import redact_url
-from twophase.store import ConfigurationError
 
 log = logging.getLogger("twophase.coordinator")
 

@@ -8,6 +8,8 @@ import re
 
 import sqlalchemy as sa
 
+from runtime.journal import Journal
+from runtime.store import LogMissing, LogRow, RecordLog
 from schemas.codec import decode_participant_record
 from schemas.records import (
     PARTICIPANT_FINISHED_KINDS,
@@ -16,8 +18,6 @@ from schemas.records import (
     ManualAction,
     ParticipantRecord,
 )
-from twophase.journal import Journal
-from twophase.store import LogMissing, LogRow, RecordLog
 
 log = logging.getLogger("twophase.participant")
 

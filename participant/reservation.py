@@ -21,9 +21,9 @@ import sqlalchemy as sa
 from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish, ResourceError
-from twophase import pgpipe
-from twophase.redaction import redact_url
-from twophase.store import (
+from runtime import pgpipe
+from runtime.redaction import redact_url
+from runtime.store import (
     AnalyzeSchedule,
     ConfigurationError,
     analyze_in_background,
@@ -146,7 +146,7 @@ def _attempt_in(unit: sa.Connection) -> Iterator[sa.Transaction]:
     unit.info[_UNIT_HAS_WORK] = True
 
 
-#: On PostgreSQL the hot statements go through psycopg directly (see :mod:`twophase.pgpipe`):
+#: On PostgreSQL the hot statements go through psycopg directly (see :mod:`runtime.pgpipe`):
 #: the first of a transaction carries its BEGIN, and the reservations are written with the
 #: batch's COMMIT.
 _PG_STATES = (

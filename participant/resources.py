@@ -45,8 +45,8 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from participant.operations import OperationSpec, Refuse
-from twophase import outages, store
-from twophase.redaction import redact_url as redact_url  # re-exported: tests import it here
+from runtime import outages, store
+from runtime.redaction import redact_url as redact_url  # re-exported: tests import it here
 
 if TYPE_CHECKING:
     from participant.reservation import ReservationResource as ReservationResource
@@ -73,7 +73,7 @@ class ResourceError(Exception):
 
 
 class ResourceUnavailable(ConnectionError):
-    """The resource's database did not answer: an outage (see :mod:`twophase.outages`), not a
+    """The resource's database did not answer: an outage (see :mod:`runtime.outages`), not a
     NO vote. The worker waits for the database and redoes the batch."""
 
 

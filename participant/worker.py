@@ -43,15 +43,15 @@ from participant.operations import (
     Refuse,
 )
 from participant.resources import CommitsAtOnce, Finish, Resource, SharesTransactions
+from runtime import config, logs, outages, store, tracing
+from runtime.amqp import AmqpChannel
+from runtime.crashpoints import crashpoint
+from runtime.driver import BatchDriver
+from runtime.heartbeat import HeartbeatSender
+from runtime.metrics import MetricsServer, ParticipantMetrics
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from schemas.validation import PARTICIPANT_ACCEPTS, Limits
-from twophase import config, logs, outages, store, tracing
-from twophase.amqp import AmqpChannel
-from twophase.crashpoints import crashpoint
-from twophase.driver import BatchDriver
-from twophase.heartbeat import HeartbeatSender
-from twophase.metrics import MetricsServer, ParticipantMetrics
 
 log = logging.getLogger("twophase.participant")
 

@@ -30,7 +30,7 @@ def _unavailable(what: str) -> None:
 
 
 def _broker_up() -> bool:
-    from twophase.amqp import AmqpChannel, BrokerUnavailable
+    from runtime.amqp import AmqpChannel, BrokerUnavailable
 
     try:
         AmqpChannel(AMQP_URL, connection_name="twophase-test-probe").close()

@@ -13,14 +13,14 @@ import datetime
 import sys
 from typing import TYPE_CHECKING, Any
 
+from runtime import config
 from schemas import topology
 from schemas.codec import encode, record_kind
 from schemas.records import Decision
-from twophase import config
 
 if TYPE_CHECKING:
     from participant.admin import CoordinatorView
-    from twophase.journal import Journal
+    from runtime.journal import Journal
 
 REFUSED_EXIT = 2
 HAZARD_EXIT = 3
@@ -135,7 +135,7 @@ def _service_running(args: argparse.Namespace, queue: str, service: str) -> bool
     """Whether a service consumes ``queue``; raises :class:`_CannotTell` when the broker cannot
     be asked. That is a refusal, not a go-ahead: resolving beside a running service that decides
     the same transaction can log both outcomes."""
-    from twophase.amqp import AmqpChannel, BrokerUnavailable
+    from runtime.amqp import AmqpChannel, BrokerUnavailable
 
     url = config.amqp_url(args.amqp_url)
     hint = "; point --amqp-url (or TWOPHASE_AMQP_URL) at the broker the service uses"
@@ -231,8 +231,8 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
 def _coordinator_view(args: argparse.Namespace) -> CoordinatorView:
     from coordinator.admin import logged_decision
     from coordinator.log import DecisionLog
+    from runtime.store import ConfigurationError
     from schemas.records import TxCommitting
-    from twophase.store import ConfigurationError
 
     # Not config.log_url: TWOPHASE_LOG_URL names this participant's own log in its environment.
     url = args.coordinator_log or str(config.data_dir(args.data_dir) / "coordinator.log.db")

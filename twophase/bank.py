@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from participant.operations import Refuse
 from participant.resources import PostgresResource, ReservationResource
 from participant.worker import Participant
-from twophase.store import ConfigurationError, database_url
+from runtime.store import ConfigurationError, database_url
 
 RESOURCE_KINDS = ("reservation", "postgres")
 

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import Client
+from runtime import config, selfstats
+from runtime.store import ConfigurationError, database_url
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
-from twophase import bank, bench_machine, config, selfstats
+from twophase import bank, bench_machine
 from twophase.bench_baselines import broker_ceiling, naive_two_phase_commit
 from twophase.bench_report import percentile, plot_sweep, print_table
 from twophase.processes import ServiceGroup
-from twophase.store import ConfigurationError, database_url
 
 RESOURCES = ("reservation", "postgres", "sqlite")
 #: the steps of a driver's turn whose wall time the services count (``DriverStats``)

@@ -9,8 +9,8 @@ import uuid
 
 import psycopg
 
+from runtime.amqp import AmqpChannel
 from twophase import bank
-from twophase.amqp import AmqpChannel
 
 PAYLOAD = b"x" * 200  # about the size of an encoded protocol message
 

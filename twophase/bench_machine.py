@@ -1,7 +1,7 @@
 """Machine-wide figures for ``twophase bench``: how busy the cores were during the measured
 window, and what the broker and the database spent when they run on this machine.
 
-Each service reports its own CPU (``twophase.selfstats``); these figures add what the services
+Each service reports its own CPU (``runtime.selfstats``); these figures add what the services
 cannot see: the cores left idle, and RabbitMQ (``beam.smp``) and PostgreSQL (every ``postgres``
 process: backends, WAL writer, checkpointer). Read from ``/proc``: on a system without it, or for
 a broker or database on another machine, the figures are left out rather than guessed.

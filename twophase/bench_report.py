@@ -63,7 +63,7 @@ def plot_sweep(points: list[dict[str, Any]], path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        from twophase.store import ConfigurationError
+        from runtime.store import ConfigurationError
 
         raise ConfigurationError("--plot needs matplotlib: pip install 'twophase[bench]'") from None
 

@@ -51,10 +51,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 
 from coordinator.client import Client
+from runtime import config
+from runtime.amqp import AmqpChannel, BrokerUnavailable, ConnectionLost
+from runtime.redaction import redact_url
 from schemas import topology
 from schemas.messages import Outcome, OutcomeKind
-from twophase import bank, config
-from twophase.amqp import AmqpChannel, BrokerUnavailable, ConnectionLost
+from twophase import bank
 from twophase.chaos_checks import (
     BANKS,
     RESERVATION_BANK,
@@ -73,7 +75,6 @@ from twophase.chaos_faults import (
     restart_dead_services,
 )
 from twophase.processes import ServiceGroup
-from twophase.redaction import redact_url
 
 __all__ = ["ChaosConfig", "ChaosResult", "Check", "print_summary", "run_chaos"]
 

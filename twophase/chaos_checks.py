@@ -20,12 +20,12 @@ import sqlalchemy as sa
 from coordinator.log import DecisionLog
 from participant.log import PrepareLog
 from participant.resources import PostgresResource, ReservationResource
+from runtime.store import database_url
 from schemas.codec import decode_participant_record
 from schemas.messages import Branch
 from schemas.records import BranchCompleted, Decision
 from twophase import bank
 from twophase.chaos_faults import FaultLog
-from twophase.store import database_url
 
 PG_BANKS = ("bank-a", "bank-b")
 RESERVATION_BANK = "bank-c"

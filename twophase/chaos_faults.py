@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from twophase.crashpoints import ENV as CRASHPOINTS_ENV
-from twophase.crashpoints import NAMES as CRASHPOINT_NAMES
+from runtime.crashpoints import ENV as CRASHPOINTS_ENV
+from runtime.crashpoints import NAMES as CRASHPOINT_NAMES
 from twophase.processes import ServiceGroup
 
-#: the exit status of a process that reached an armed crash point (see twophase.crashpoints)
+#: the exit status of a process that reached an armed crash point (see runtime.crashpoints)
 CRASH_EXIT_STATUS = 86
 
 _CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')

@@ -20,9 +20,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twophase import admin_cli, config, logs, outages, store
-from twophase.redaction import redact_url
-from twophase.store import ConfigurationError
+from runtime import config, logs, outages, store
+from runtime.redaction import redact_url
+from runtime.store import ConfigurationError
+from twophase import admin_cli
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -134,7 +135,7 @@ def checked(dependency: outages.Dependency) -> outages.Dependency:
                 raise
             problem = f"cannot use the {dependency.name} at {redact_url(dependency.url)}: {found}"
         # Raised outside the except clause, so that no outage is its context: it is not waited
-        # for (twophase.outages follows an exception's causes and context).
+        # for (runtime.outages follows an exception's causes and context).
         raise ConfigurationError(problem)
 
     return outages.Dependency(dependency.name, dependency.url, probe)
@@ -193,7 +194,7 @@ def broker_dependency(service: str, url: str) -> outages.Dependency:
     """RabbitMQ (named as the drivers name it): open a connection and close it."""
 
     def probe() -> None:
-        from twophase.amqp import AmqpChannel
+        from runtime.amqp import AmqpChannel
 
         AmqpChannel(url, connection_name=f"twophase-{service}-start").close()
 
@@ -313,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"twophase {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    # structured lines (key=value or JSON) carrying tx_id and trace_id: see twophase/logs.py
+    # structured lines (key=value or JSON) carrying tx_id and trace_id: see runtime/logs.py
     logs.configure(log_format, logging.DEBUG if args.verbose else logging.INFO, sys.stderr)
     # pika logs every failed connection attempt with a traceback; our drivers turn those into
     # one-line errors or reconnects, so its own log would only repeat them noisily.
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _is_user_error(exc: BaseException) -> bool:
     from participant.resources import ResourceError
-    from twophase.amqp import BrokerUnavailable
+    from runtime.amqp import BrokerUnavailable
 
     return isinstance(exc, ConfigurationError | BrokerUnavailable | ResourceError)
 

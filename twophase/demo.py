@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.client import Client
+from runtime import config
+from runtime.amqp import AmqpChannel, BrokerUnavailable
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
-from twophase import bank, config
-from twophase.amqp import AmqpChannel, BrokerUnavailable
+from twophase import bank
 from twophase.bench_report import percentile
 from twophase.processes import ServiceGroup
 

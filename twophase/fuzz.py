@@ -35,10 +35,12 @@ from typing import Any
 import psycopg
 
 from coordinator.client import Client
+from runtime import config
+from runtime.amqp import AmqpChannel, BrokerUnavailable
+from runtime.driver import now_ms
 from schemas import topology
 from schemas.validation import COORDINATOR_ACCEPTS, PARTICIPANT_ACCEPTS
-from twophase import bank, config
-from twophase.amqp import AmqpChannel, BrokerUnavailable
+from twophase import bank
 from twophase.chaos import (
     DEFAULT_PG_URL,
     OPENING_BALANCE,
@@ -52,7 +54,6 @@ from twophase.chaos import (
 )
 from twophase.chaos_checks import BANKS, RESERVATION_BANK, ChaosResult, Inspector, judge
 from twophase.chaos_faults import Broker, FaultLog
-from twophase.driver import now_ms
 from twophase.fuzz_checks import FuzzResult, fuzz_checks, print_report, rss_kib
 from twophase.fuzz_corpus import Context, Corpus
 from twophase.fuzz_traffic import HostilePublisher, Ledger, Observer, Target, client_target

@@ -21,9 +21,9 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 
+from runtime.store import database_url
 from twophase.chaos_checks import MAX_LISTED, RESERVATION_BANK, ChaosResult, Check, Inspector
 from twophase.fuzz_traffic import Ledger, PublisherStats, Sent
-from twophase.store import database_url
 
 RSS_GROWTH_MAX = 0.20
 #: rows per hostile message, on average: most are refused before anything is written

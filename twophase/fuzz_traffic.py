@@ -1,7 +1,7 @@
 """The traffic of ``twophase fuzz``: a hostile publisher, and an observer of the dead-letter queue
 and of the real traffic (which it captures for replay).
 
-Both speak pika directly rather than through :class:`~twophase.amqp.AmqpChannel`: the hostile
+Both speak pika directly rather than through :class:`~runtime.amqp.AmqpChannel`: the hostile
 publisher sets properties and header values the library never sends, and neither wants a
 service's reconnect and confirm logic in the way of a flood. Each runs on its own connection.
 

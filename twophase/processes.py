@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from twophase.amqp import AmqpChannel
+from runtime.amqp import AmqpChannel
 
 
 class ServiceError(RuntimeError):

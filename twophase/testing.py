@@ -17,9 +17,9 @@ import msgspec
 
 from coordinator.core import CoordinatorSettings
 from coordinator.service import CoordinatorConfig, CoordinatorService
+from runtime.amqp import AmqpChannel, Delivery
 from schemas.codec import decode_message, encode
 from schemas.messages import Envelope, Heartbeat, Protocol
-from twophase.amqp import AmqpChannel, Delivery
 
 M = TypeVar("M")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.crashpoints import NAMES
 from twophase.chaos import ChaosConfig, print_summary, run_chaos
-from twophase.crashpoints import NAMES
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""twophase.amqp against a real RabbitMQ (TWOPHASE_TEST_AMQP_URL)."""
+"""runtime.amqp against a real RabbitMQ (TWOPHASE_TEST_AMQP_URL)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pika
 import pika.exceptions
 import pytest
 
-from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
-from twophase.amqp import (
+from runtime.amqp import (
     AmqpChannel,
     BrokerUnavailable,
     ConnectionLost,
     Delivery,
     PublishError,
 )
+from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
 
 pytestmark = pytest.mark.integration
 

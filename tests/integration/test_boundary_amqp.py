@@ -9,10 +9,10 @@ import time
 import pika
 import pytest
 
+from runtime import amqp
+from runtime.amqp import AmqpChannel, PublishRefused
 from schemas import topology
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
-from twophase import amqp
-from twophase.amqp import AmqpChannel, PublishRefused
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import pytest
 
 from coordinator.client import Client
 from participant.worker import Participant
+from runtime.amqp import AmqpChannel
+from runtime.driver import now_ms
 from schemas import topology
 from schemas.messages import Abort, Ack, Branch, Commit, OutcomeKind, Prepare, Vote, VoteKind
 from twophase import bank
-from twophase.amqp import AmqpChannel
-from twophase.driver import now_ms
 from twophase.testing import ProtocolPeer, running_coordinator
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 def balances(db: str, name: str) -> dict[str, tuple[int, int]]:
     import sqlalchemy as sa
 
-    from twophase.store import database_url
+    from runtime.store import database_url
 
     engine = sa.create_engine(database_url(db))
     with engine.connect() as conn:

@@ -30,10 +30,10 @@ import psycopg
 import pytest
 
 from coordinator.client import Client, OutcomeUnknown
+from runtime.amqp import AmqpChannel, BrokerUnavailable
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank
-from twophase.amqp import AmqpChannel, BrokerUnavailable
 from twophase.processes import ServiceGroup
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

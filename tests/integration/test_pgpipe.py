@@ -1,4 +1,4 @@
-"""twophase.pgpipe on a real PostgreSQL: round trips counted, and SQLAlchemy's transactions kept.
+"""runtime.pgpipe on a real PostgreSQL: round trips counted, and SQLAlchemy's transactions kept.
 
 Round trips are counted in libpq's protocol trace: the server ends each one with a
 ReadyForQuery message (a pipeline's Sync, or a query outside a pipeline).
@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from twophase import pgpipe, store
-from twophase.store import LogRow, RecordLog, make_engine
+from runtime import pgpipe, store
+from runtime.store import LogRow, RecordLog, make_engine
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ batch passes every crash point, the recovery batch at start-up included (a proce
 started with a small ``sitecustomize`` hook (``TWOPHASE_TEST_CRASH_AFTER=KIND=POINT``, see
 ``SITECUSTOMIZE``) that arms the named crash point right after the first log append holding a
 record of KIND: "committing=coordinator.after_persist" exits (status 86, through
-``twophase.crashpoints``) with the COMMIT decision durable and not one COMMIT sent.
+``runtime.crashpoints``) with the COMMIT decision durable and not one COMMIT sent.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import sqlalchemy as sa
 from coordinator.client import Client, OutcomeUnknown
 from coordinator.log import DecisionLog
 from participant.log import PrepareLog
+from runtime.amqp import AmqpChannel
+from runtime.store import database_url
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from schemas.records import (
@@ -48,9 +50,7 @@ from schemas.records import (
     TxEnded,
 )
 from twophase import bank
-from twophase.amqp import AmqpChannel
 from twophase.processes import ServiceGroup
-from twophase.store import database_url
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ CRASH_AFTER_ENV = "TWOPHASE_TEST_CRASH_AFTER"
 SITECUSTOMIZE = '''\
 """Written by tests/integration/test_recovery.py: arm a crash point once a record is durable.
 
-TWOPHASE_TEST_CRASH_AFTER=KIND=POINT arms POINT (see twophase.crashpoints) right after the first
+TWOPHASE_TEST_CRASH_AFTER=KIND=POINT arms POINT (see runtime.crashpoints) right after the first
 log append that holds a record of KIND, so the process exits at that batch's next boundary.
 """
 import os
@@ -71,7 +71,7 @@ import os
 _kind, _, _point = os.environ.get("TWOPHASE_TEST_CRASH_AFTER", "").partition("=")
 if _kind and _point:
     from schemas.codec import record_kind
-    from twophase import crashpoints, journal
+    from runtime import crashpoints, journal
 
     crashpoints.parse(_point)  # a typo fails loudly, not silently
     _append = journal.Journal.append

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from participant.operations import OperationSpec, Refuse
 from participant.resources import PostgresResource, ReservationResource, ResourceUnavailable
-from twophase import outages
+from runtime import outages
 
 pytestmark = pytest.mark.integration
 

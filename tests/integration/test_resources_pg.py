@@ -28,7 +28,7 @@ from participant.resources import (
     check_max_prepared_transactions,
     redact_url,
 )
-from twophase import pgpipe, store
+from runtime import pgpipe, store
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from twophase.store import ConfigurationError, LogRow, RecordLog, check_connection, make_engine
+from runtime.store import ConfigurationError, LogRow, RecordLog, check_connection, make_engine
 
 pytestmark = pytest.mark.integration
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.client import Client
+from runtime import tracing
+from runtime.tracing import SpanRecord
 from schemas import topology
 from schemas.messages import Branch, OutcomeKind
-from twophase import bank, tracing
+from twophase import bank
 from twophase.processes import ServiceGroup
-from twophase.tracing import SpanRecord
 
 pytestmark = pytest.mark.integration
 

@@ -23,6 +23,7 @@ from coordinator.log import DecisionLog
 from participant import admin as participant_admin
 from participant.log import PrepareLog
 from participant.worker import Participant
+from runtime.store import database_url
 from schemas.messages import Branch
 from schemas.records import (
     BranchCompleted,
@@ -38,7 +39,6 @@ from schemas.records import (
 )
 from twophase import bank
 from twophase.cli import main
-from twophase.store import database_url
 
 NO_BROKER = "amqp://guest:guest@127.0.0.1:1/"
 HAZARD = 3

@@ -19,6 +19,8 @@ import sqlalchemy as sa
 
 from coordinator.log import TABLE, DecisionLog
 from participant.log import PrepareLog, table_name
+from runtime.amqp import AmqpChannel
+from runtime.store import database_url
 from schemas import topology
 from schemas.records import ManualAction, TxAborted
 from tests.unit.test_admin import (
@@ -31,8 +33,6 @@ from tests.unit.test_admin import (
     cli,
     records_of,
 )
-from twophase.amqp import AmqpChannel
-from twophase.store import database_url
 
 REFUSED = 2
 
@@ -187,7 +187,7 @@ def test_a_missing_postgresql_table_is_an_error_and_is_not_created(
 
 
 def test_services_still_create_their_logs(tmp_path: Path) -> None:
-    from twophase.store import LogMissing
+    from runtime.store import LogMissing
 
     url = str(tmp_path / "new" / "coordinator.log.db")
     with pytest.raises(LogMissing):

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("schemas", "coordinator", "participant", "twophase")
+PACKAGES = ("schemas", "runtime", "coordinator", "participant", "twophase")
 
 _RUN_LINTER = (
     "import sys\n"

@@ -20,6 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from coordinator.core import CoordinatorCore
 from coordinator.service import CoordinatorConfig, CoordinatorService
+from runtime import outages
+from runtime.driver import POISON_ATTEMPTS
+from runtime.memory import MemoryBroker
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import (
@@ -37,9 +40,6 @@ from schemas.messages import (
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
 from schemas.validation import Limits
 from tests.unit.test_drivers import REPLY, System, transfer
-from twophase import outages
-from twophase.driver import POISON_ATTEMPTS
-from twophase.memory import MemoryBroker
 
 NOW_MS = 1_700_000_000_000
 BAD_NAME = "no such/name"
@@ -221,9 +221,7 @@ def test_a_message_the_core_cannot_handle_is_retried_then_dead_lettered_as_poiso
     )
     system.client.publish(COORDINATOR, encode(transfer("after")))
     settle(system)
-    assert [(o.tx_id, o.outcome) for o in system.outcomes()] == [
-        ("after", OutcomeKind.COMMITTED)
-    ]
+    assert [(o.tx_id, o.outcome) for o in system.outcomes()] == [("after", OutcomeKind.COMMITTED)]
     assert system.coordinator.stats.restarts == POISON_ATTEMPTS
 
 

@@ -25,12 +25,12 @@ from coordinator.client import (
     OutcomeKind,
     OutcomeUnknown,
 )
+from runtime import outages
+from runtime.amqp import BrokerUnavailable, ConnectionLost, Delivery
 from schemas.codec import decode_message, encode
 from schemas.messages import Begin, Envelope, Outcome, StatusQuery
 from schemas.topology import COORDINATOR_QUEUE
 from schemas.validation import ENVELOPE_MAX, Limits
-from twophase import outages
-from twophase.amqp import BrokerUnavailable, ConnectionLost, Delivery
 
 SECRET_URL = "amqp://guest:s3cret@broker.example:5672/prod"
 

@@ -5,7 +5,7 @@ regexes) and the PostgreSQL init script, against ``schemas/topology.py``, the en
 variables the code reads, the CLI, and the example bank.
 
 The permission checks model what each process declares, binds, consumes and publishes at start
-(``twophase/amqp.py``, ``coordinator/service.py``, ``participant/worker.py``,
+(``runtime/amqp.py``, ``coordinator/service.py``, ``participant/worker.py``,
 ``coordinator/client.py``) with RabbitMQ's access-control table; when those change, change
 ``REQUIRED`` below as well.
 """
@@ -35,7 +35,7 @@ COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 DEFINITIONS_FILE = COMPOSE_DIR / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = COMPOSE_DIR / "rabbitmq" / "rabbitmq.conf"
 INIT_SQL = COMPOSE_DIR / "postgres" / "init.sql"
-SOURCE_PACKAGES = ("twophase", "coordinator", "participant")
+SOURCE_PACKAGES = ("twophase", "runtime", "coordinator", "participant")
 
 #: TWOPHASE_* variables the compose file sets before the code reads them: planned by the
 #: observability work (metrics endpoint, structured logs). Remove a name once the code reads it;
@@ -330,7 +330,7 @@ def test_exchanges_match_the_topology() -> None:
     assert set(exchanges) == {topology.EXCHANGE, topology.DEAD_LETTER_EXCHANGE}
     assert exchanges[topology.EXCHANGE]["type"] == "direct"
     assert exchanges[topology.DEAD_LETTER_EXCHANGE]["type"] == "fanout"
-    for exchange in exchanges.values():  # as twophase/amqp.py declares them
+    for exchange in exchanges.values():  # as runtime/amqp.py declares them
         assert exchange["durable"] is True
         assert exchange["auto_delete"] is False
         assert exchange["internal"] is False
@@ -351,7 +351,7 @@ def test_queues_match_the_topology() -> None:
     for queue in queues.values():
         assert queue["durable"] is True and queue["auto_delete"] is False, queue["name"]
         assert not queue["name"].startswith(topology.CLIENT_QUEUE_PREFIX)
-    # twophase/amqp.py declares the dead-letter queue bounded, the others with these.
+    # runtime/amqp.py declares the dead-letter queue bounded, the others with these.
     assert queues[topology.DEAD_LETTER_QUEUE]["arguments"] == topology.dead_letter_queue_arguments()
     for name in queues.keys() - {topology.DEAD_LETTER_QUEUE}:
         assert queues[name]["arguments"] == topology.durable_queue_arguments(), name

@@ -15,6 +15,8 @@ from coordinator.log import DecisionLog
 from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.log import PrepareLog
 from participant.worker import ParticipantWorker
+from runtime.amqp import ConnectionLost
+from runtime.memory import MemoryBroker, MemoryChannel
 from schemas import topology
 from schemas.codec import decode_message, encode
 from schemas.messages import (
@@ -32,8 +34,6 @@ from schemas.messages import (
 )
 from schemas.records import BranchPrepared, TxCommitting
 from twophase import bank
-from twophase.amqp import ConnectionLost
-from twophase.memory import MemoryBroker, MemoryChannel
 
 REPLY = topology.client_queue("test")
 BANKS = ("bank-a", "bank-b", "bank-c")

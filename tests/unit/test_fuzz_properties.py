@@ -24,6 +24,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from runtime.driver import now_ms
+from runtime.memory import MemoryBroker
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
 from schemas.messages import MESSAGE_TYPES, Commit, Envelope, Heartbeat, Outcome, Prepare
@@ -35,9 +37,7 @@ from schemas.validation import (
     check,
 )
 from tests.unit.test_drivers import BANKS, REPLY, System, credit, transfer, unwrap
-from twophase.driver import now_ms
 from twophase.fuzz_corpus import BAD_NAMES, Context, Corpus, dumps, expected_rejection
-from twophase.memory import MemoryBroker
 
 ACCEPTS: dict[str, tuple[type[Any], ...] | None] = {
     topology.COORDINATOR_QUEUE: COORDINATOR_ACCEPTS,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from twophase import logs, tracing
-from twophase.store import ConfigurationError
+from runtime import logs, tracing
+from runtime.store import ConfigurationError
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -157,7 +157,7 @@ def test_the_command_line_rejects_a_bad_log_format(
 def test_one_phase_is_on_by_default_and_a_bad_value_is_one_clear_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from twophase import config
+    from runtime import config
     from twophase.cli import main
 
     monkeypatch.delenv("TWOPHASE_ONE_PHASE", raising=False)

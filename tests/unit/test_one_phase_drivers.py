@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from participant.operations import Refuse
+from runtime.driver import now_ms
+from runtime.memory import MemoryBroker
 from schemas import topology
 from schemas.codec import decode_message, encode
 from schemas.messages import (
@@ -24,8 +26,6 @@ from schemas.messages import (
 from schemas.records import BranchCompleted, Decision
 from tests.unit import test_drivers
 from tests.unit.test_drivers import REPLY, System, _count_commits, credit, unwrap
-from twophase.driver import now_ms
-from twophase.memory import MemoryBroker
 
 system = test_drivers.system  # the fixture: both with the log in its own and the resource's db
 

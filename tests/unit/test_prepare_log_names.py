@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from participant.log import PrepareLog, legacy_table_name, table_name
+from runtime.store import LogRow, RecordLog, make_engine
 from schemas.codec import encode, record_kind
 from schemas.records import BranchPrepared, ManualAction
-from twophase.store import LogRow, RecordLog, make_engine
 
 NAMES = ("bank-a", "bank.a", "bank_a", "Bank-A")
 
@@ -78,7 +78,7 @@ def test_operators_read_a_log_of_the_older_naming_before_the_service_upgraded(
 
 
 def test_operators_still_get_an_error_for_a_missing_log(tmp_path: Path) -> None:
-    from twophase.store import LogMissing
+    from runtime.store import LogMissing
 
     with pytest.raises(LogMissing):
         PrepareLog(str(tmp_path / "nowhere.db"), "bank-a", must_exist=True)

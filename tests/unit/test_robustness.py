@@ -20,11 +20,11 @@ from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
 from participant.resources import ResourceError, ResourceUnavailable, connection_lost
+from runtime import config, outages, redaction, store
+from runtime.amqp import BrokerUnavailable, ConnectionLost
+from runtime.heartbeat import HeartbeatSender
+from runtime.store import ConfigurationError, LogRow, RecordLog, configuration_problem
 from schemas.validation import DEFAULT_LIMITS, Limits
-from twophase import config, outages, redaction, store
-from twophase.amqp import BrokerUnavailable, ConnectionLost
-from twophase.heartbeat import HeartbeatSender
-from twophase.store import ConfigurationError, LogRow, RecordLog, configuration_problem
 
 
 def disconnect(message: str = "server closed the connection unexpectedly") -> Exception:

@@ -1,4 +1,4 @@
-"""Unit tests of twophase.store on SQLite files."""
+"""Unit tests of runtime.store on SQLite files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from twophase.store import (
+from runtime.store import (
     ConfigurationError,
     LogRow,
     RecordLog,
@@ -279,7 +279,7 @@ def test_concurrent_append_from_two_threads(log: RecordLog) -> None:
 
 
 def test_analyze_schedule_is_due_at_growing_thresholds() -> None:
-    from twophase.store import AnalyzeSchedule
+    from runtime.store import AnalyzeSchedule
 
     schedule = AnalyzeSchedule(first=10, factor=4, last=200)
     due = [n for n in range(1, 1001) if schedule.wrote(1)]

@@ -24,10 +24,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from coordinator.client import Client
 from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.worker import Participant
+from runtime import tracing
+from runtime.amqp import Delivery
+from runtime.driver import BatchDriver
 from schemas.messages import Branch, OutcomeKind
-from twophase import bank, tracing
-from twophase.amqp import Delivery
-from twophase.driver import BatchDriver
+from twophase import bank
 
 OTEL_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
@@ -143,9 +144,9 @@ class World:
 
     def heartbeats(self) -> None:
         """What the participants' heartbeat threads would have said (they run only in serve)."""
+        from runtime.driver import now_ms
         from schemas.effects import Incoming
         from schemas.messages import Heartbeat
-        from twophase.driver import now_ms
 
         for name in self.banks:
             beat = Heartbeat(participant=name, sent_at_ms=now_ms(), interval_ms=1000)

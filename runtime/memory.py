@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from runtime.amqp import ConnectionLost, Delivery, PublishError
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
-from twophase.amqp import ConnectionLost, Delivery, PublishError
 
 
 @dataclass

@@ -21,7 +21,7 @@ Participant (labelled ``participant``)
 Both (labelled ``service``)
     ``twophase_dead_letters_total{queue,reason}``     messages dead-lettered (reason: oversized,
                                                       undecodable, invalid, poison)
-    ``twophase_dependency_up{dependency}``            0 during an outage (twophase.outages)
+    ``twophase_dependency_up{dependency}``            0 during an outage (runtime.outages)
     ``twophase_batch_messages``                       deliveries per batch (histogram)
     ``twophase_log_flushes_total``, ``twophase_log_records_total``,
     ``twophase_log_flush_seconds``                    group commits of the log
@@ -37,6 +37,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from runtime.store import ConfigurationError
 from schemas.effects import Forget, Persist, Send
 from schemas.messages import Commit, Vote
 from schemas.records import (
@@ -47,7 +48,6 @@ from schemas.records import (
     TxCommitting,
     TxEnded,
 )
-from twophase.store import ConfigurationError
 
 DEFAULT_COORDINATOR_PORT = 9464
 

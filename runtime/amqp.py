@@ -22,6 +22,7 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
+from runtime.redaction import redact_url
 from schemas.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
@@ -30,7 +31,6 @@ from schemas.topology import (
     dead_letter_queue_arguments,
     durable_queue_arguments,
 )
-from twophase.redaction import redact_url
 
 __all__ = [
     "AmqpChannel",
@@ -41,7 +41,7 @@ __all__ = [
     "PublishRefused",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("twophase.amqp")
 
 #: Header stamped on every publish with its channel delivery number, so a ``basic.return`` can be
 #: matched to the publish it belongs to. Stripped from :class:`Delivery` headers.

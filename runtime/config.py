@@ -35,10 +35,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from runtime.redaction import redact_url
+from runtime.store import ConfigurationError
 from schemas import topology
 from schemas.validation import DEFAULT_LIMITS, TX_ID_HARD_MAX, Limits
-from twophase.redaction import redact_url
-from twophase.store import ConfigurationError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 

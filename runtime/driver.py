@@ -32,6 +32,10 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from runtime import logs, outages, selfstats
+from runtime.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError, PublishRefused
+from runtime.crashpoints import crashpoint
+from runtime.journal import Journal
 from schemas.codec import DecodeError, decode_message, encode
 from schemas.effects import (
     CancelTimer,
@@ -55,10 +59,6 @@ from schemas.validation import (
     size_problem,
     traceparent_or_empty,
 )
-from twophase import logs, outages, selfstats
-from twophase.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError, PublishRefused
-from twophase.crashpoints import crashpoint
-from twophase.journal import Journal
 
 log = logging.getLogger("twophase.driver")
 
@@ -176,7 +176,7 @@ class BatchDriver(ABC, Generic[R]):
         self._handling: Delivery | None = None
         #: set by a side that traces or counts: the observation hooks below are called
         self.observing = False
-        #: the side's span bookkeeping (twophase.tracing) and metrics (twophase.metrics), if on
+        #: the side's span bookkeeping (runtime.tracing) and metrics (runtime.metrics), if on
         self.trace: Any = None
         self.metrics: Any = None
         self.watch = outages.DependencyWatch(

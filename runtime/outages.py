@@ -24,8 +24,8 @@ import sqlalchemy.exc
 import tenacity
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
-from twophase.amqp import BrokerUnavailable, ConnectionLost
-from twophase.redaction import redact_url
+from runtime.amqp import BrokerUnavailable, ConnectionLost
+from runtime.redaction import redact_url
 
 log = logging.getLogger("twophase.outages")
 

@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from twophase import tracing
-from twophase.store import ConfigurationError
+from runtime import tracing
+from runtime.store import ConfigurationError
 
 FORMATS = ("kv", "json")
 

@@ -27,13 +27,13 @@ participant's spans are its children. Work after a restart (commits re-sent by a
 coordinator, inquiries of an in-doubt participant) runs in ``recover`` spans that *link* to the
 transaction's original trace (``TxBegun.traceparent`` / ``BranchPrepared.traceparent``).
 
-The bookkeeping lives here, in :mod:`twophase.tracing_spans` and in the drivers' hooks, never in
+The bookkeeping lives here, in :mod:`runtime.tracing_spans` and in the drivers' hooks, never in
 the pure cores. This module holds the set-up (``OTEL_*``, the tracer provider, :data:`ENABLED`),
 the W3C trace-context helpers, the span attribute names, the client's ``submit`` span and the
 reading of exported traces (:func:`spans_from_otlp`, :func:`format_span_tree`). The per-side span
 bookkeeping, :class:`CoordinatorTrace` and :class:`ParticipantTrace`, lives in
-:mod:`twophase.tracing_spans` (which imports this module); it is re-exported here, loaded on first
-use, so ``tracing.CoordinatorTrace`` and ``from twophase.tracing import ParticipantTrace`` work.
+:mod:`runtime.tracing_spans` (which imports this module); it is re-exported here, loaded on first
+use, so ``tracing.CoordinatorTrace`` and ``from runtime.tracing import ParticipantTrace`` work.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
-    from twophase.tracing_spans import CoordinatorTrace as CoordinatorTrace
-    from twophase.tracing_spans import ParticipantTrace as ParticipantTrace
-    from twophase.tracing_spans import S as S
-    from twophase.tracing_spans import _Tx as _Tx
+    from runtime.tracing_spans import CoordinatorTrace as CoordinatorTrace
+    from runtime.tracing_spans import ParticipantTrace as ParticipantTrace
+    from runtime.tracing_spans import S as S
+    from runtime.tracing_spans import _Tx as _Tx
 
 log = logging.getLogger("twophase.tracing")
 
@@ -204,7 +204,7 @@ def force_flush(timeout_ms: int = 5_000) -> None:
 def tracer() -> Tracer:
     found = _tracer
     if found is None:
-        raise RuntimeError("tracing is off: check twophase.tracing.ENABLED first")
+        raise RuntimeError("tracing is off: check runtime.tracing.ENABLED first")
     return found
 
 
@@ -311,9 +311,9 @@ def end_submit(span: Span, outcome: Outcome | None, error: BaseException | None 
     span.end()
 
 
-# ---- the coordinator's and a participant's spans: twophase/tracing_spans.py -----------------
+# ---- the coordinator's and a participant's spans: runtime/tracing_spans.py -----------------
 
-#: names defined in twophase.tracing_spans, re-exported from here
+#: names defined in runtime.tracing_spans, re-exported from here
 _SPAN_NAMES = frozenset({"CoordinatorTrace", "ParticipantTrace", "S", "_Tx"})
 
 if not TYPE_CHECKING:
@@ -322,7 +322,7 @@ if not TYPE_CHECKING:
         """The span bookkeeping, imported on first use (it imports this module)."""
         if name not in _SPAN_NAMES:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from twophase import tracing_spans
+        from runtime import tracing_spans
 
         value = getattr(tracing_spans, name)
         globals()[name] = value

@@ -2,7 +2,7 @@
 
 The drivers call :func:`crashpoint` at every boundary between persisting, publishing and acking.
 When the variable is unset the call is one dictionary lookup on an empty dict. The acks of a
-batch leave with the next poll (:meth:`twophase.amqp.AmqpChannel.ack`), so ``*.after_ack`` dies
+batch leave with the next poll (:meth:`runtime.amqp.AmqpChannel.ack`), so ``*.after_ack`` dies
 with them still queued and the batch is redelivered; a crash anywhere in the next turn comes
 after they left.
 """

@@ -2,12 +2,12 @@
 
 :class:`CoordinatorTrace` and :class:`ParticipantTrace` are driven by the services' observation
 hooks (on their driver thread) and exist only while tracing is on: the drivers create one only
-when ``twophase.tracing.ENABLED`` is set. The trace's shape and the set-up, the W3C trace-context
-helpers and the span attribute names live in :mod:`twophase.tracing`, which also re-exports both
+when ``runtime.tracing.ENABLED`` is set. The trace's shape and the set-up, the W3C trace-context
+helpers and the span attribute names live in :mod:`runtime.tracing`, which also re-exports both
 classes (``tracing.CoordinatorTrace``, ``tracing.ParticipantTrace``): import them from there.
 
-The helpers of :mod:`twophase.tracing` are called through the module (``tracing.context_from``),
-looked up at each call as before the split, so a patched ``twophase.tracing`` function is the one
+The helpers of :mod:`runtime.tracing` are called through the module (``tracing.context_from``),
+looked up at each call as before the split, so a patched ``runtime.tracing`` function is the one
 used, whenever this module was first imported.
 """
 
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from runtime import tracing
+from runtime.tracing import AT_FAULT, OPERATION, OUTCOME, PARTICIPANT, REASON, TX_ID, VOTE
 from schemas.effects import Forget, Incoming, Persist, Send
 from schemas.messages import (
     Abort,
@@ -36,8 +38,6 @@ from schemas.messages import (
     VoteKind,
 )
 from schemas.records import BranchCompleted, BranchPrepared, TxAborted, TxBegun, TxCommitting
-from twophase import tracing
-from twophase.tracing import AT_FAULT, OPERATION, OUTCOME, PARTICIPANT, REASON, TX_ID, VOTE
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context

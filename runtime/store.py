@@ -11,7 +11,7 @@ Choices made here (the architecture leaves them open):
 * PostgreSQL engines use a pool of 5, with a 10 s connect timeout unless the URL names one. No
   ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets an outage
   (a dropped connection included: SQLAlchemy invalidates the pool on a disconnect) is retried a
-  few times on a fresh connection, with the shared back-off of :mod:`twophase.outages`. A longer
+  few times on a fresh connection, with the shared back-off of :mod:`runtime.outages`. A longer
   outage is the driver's to wait out.
   Tables this process fills are analyzed early (see :class:`AnalyzeSchedule`).
   Creating an engine never connects; :func:`check_connection` does, and turns a
@@ -20,7 +20,7 @@ Choices made here (the architecture leaves them open):
   cannot work (a database that does not exist, a role refused) from a server that is down.
 * :class:`RecordLog` writes each batch in one transaction (group commit). On PostgreSQL the
   batch is one ``INSERT ... SELECT FROM unnest(...)`` sent with its BEGIN and COMMIT in one
-  round trip (:mod:`twophase.pgpipe`), and the look-up by ``tx_id`` is one query in autocommit.
+  round trip (:mod:`runtime.pgpipe`), and the look-up by ``tx_id`` is one query in autocommit.
   ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
   write is a plain INSERT or DELETE, so SQLite writers never upgrade a read lock.
 """
@@ -42,8 +42,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
-from twophase import outages, pgpipe
-from twophase.redaction import redact_url
+from runtime import outages, pgpipe
+from runtime.redaction import redact_url
 
 log = logging.getLogger("twophase.store")
 
@@ -219,7 +219,7 @@ def configuration_problem(exc: BaseException) -> str | None:
 
     For start-up, which waits for a server that is down but must end at once when the database
     named does not exist or refuses the role: both are connection failures to the driver (and
-    :func:`twophase.outages.outage_cause` counts them as outages), only the server's words
+    :func:`runtime.outages.outage_cause` counts them as outages), only the server's words
     tell them apart. The words are the driver's own, of the innermost error that has them.
     """
     found: str | None = None
@@ -370,7 +370,7 @@ class RecordLog:
 
     def append_in(self, conn: sa.Connection, rows: Sequence[LogRow]) -> None:
         """Write ``rows`` in ``conn``'s open transaction, which the caller then commits (on
-        PostgreSQL the INSERT is deferred to the commit: see :mod:`twophase.pgpipe`).
+        PostgreSQL the INSERT is deferred to the commit: see :mod:`runtime.pgpipe`).
 
         For a participant whose resource lives in the same database: its branches and their
         records become durable in one commit. A failed commit loses both, never one of them.

@@ -1,4 +1,4 @@
-"""A typed view of a :class:`~twophase.store.RecordLog`: records in, records out."""
+"""A typed view of a :class:`~runtime.store.RecordLog`: records in, records out."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Generic, TypeVar
 import msgspec
 import sqlalchemy as sa
 
+from runtime.store import LogRow, RecordLog, check_connection, make_engine, open_existing
 from schemas.codec import encode, record_kind
-from twophase.store import LogRow, RecordLog, check_connection, make_engine, open_existing
 
 R = TypeVar("R", bound=msgspec.Struct)
 
@@ -19,7 +19,7 @@ class Journal(Generic[R]):
         self, url: str, table: str, decode: Callable[[bytes], R], *, must_exist: bool = False
     ) -> None:
         """Open the log at ``url``, creating it unless ``must_exist`` (then a missing log raises
-        :class:`~twophase.store.LogMissing`: operators read logs, services write them)."""
+        :class:`~runtime.store.LogMissing`: operators read logs, services write them)."""
         if must_exist:
             engine = open_existing(url, table)
         else:

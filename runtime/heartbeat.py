@@ -5,7 +5,7 @@ between batches would then stop, and the coordinator would wrongly call a health
 down (§5: never let a long handler starve heartbeats). So they are published by this thread, on
 its own connection (pika is not thread-safe). They stop when the loop they vouch for has made no
 progress for ``stall_s``: a wedged worker should be seen as down. When the broker goes away the
-thread reconnects with the shared back-off of :mod:`twophase.outages`, not once a period.
+thread reconnects with the shared back-off of :mod:`runtime.outages`, not once a period.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from runtime import outages
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import Heartbeat
-from twophase import outages
 
 log = logging.getLogger("twophase.heartbeat")
 
