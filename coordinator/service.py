@@ -24,6 +24,7 @@ from runtime.driver import BatchDriver, now_ms
 from runtime.metrics import CoordinatorMetrics, MetricsServer
 from runtime.redaction import redact_url
 from runtime.store import ConfigurationError
+from runtime.tracing_spans import CoordinatorTrace
 from schemas import topology
 from schemas.effects import Send
 from schemas.messages import Prepare
@@ -95,9 +96,7 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         self.retention_s = config.retention_s
         self.every(60.0, self._collect_garbage)
         tracing.setup_from_env("twophase-coordinator")
-        self.trace: tracing.CoordinatorTrace | None = (
-            tracing.CoordinatorTrace() if tracing.ENABLED else None
-        )
+        self.trace: CoordinatorTrace | None = CoordinatorTrace() if tracing.ENABLED else None
         self.metrics: CoordinatorMetrics | None = None
         if config.metrics_port or config.metrics_registry is not None:
             self.metrics = CoordinatorMetrics(config.metrics_registry)

@@ -14,7 +14,7 @@ _EXPORTS = {
     "Refuse": "participant.operations",
     "OperationSpec": "participant.operations",
     "PostgresResource": "participant.resources",
-    "ReservationResource": "participant.resources",
+    "ReservationResource": "participant.reservation",
     "Resource": "participant.resources",
     "ResourceError": "participant.resources",
 }

@@ -2,8 +2,7 @@
 
 This module holds the Resource protocol, ResourceError, the Branch / Finish aliases, the helpers
 both resources share and PostgresResource. ReservationResource, with its ``twophase_reservation``
-table, lives in :mod:`participant.reservation` (which imports this module); it is re-exported
-here, loaded on first use, so ``from participant.resources import ReservationResource`` works.
+table, lives in :mod:`participant.reservation`, which builds on this module.
 
 Driven serially from one thread by the participant worker; every method is idempotent and works
 from a new instance after a restart. Choices:
@@ -36,7 +35,7 @@ import contextlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import psycopg
 import tenacity
@@ -47,13 +46,6 @@ from psycopg.pq import TransactionStatus
 from participant.operations import OperationSpec, Refuse
 from runtime import outages, store
 from runtime.redaction import redact_url as redact_url  # re-exported: tests import it here
-
-if TYPE_CHECKING:
-    from participant.reservation import ReservationResource as ReservationResource
-    from participant.reservation import _metadata as _metadata
-    from participant.reservation import _NeedsIsolation as _NeedsIsolation
-    from participant.reservation import _reservations as _reservations
-    from participant.reservation import _sqlalchemy_url as _sqlalchemy_url
 
 #: PostgreSQL's GIDSIZE is 200 bytes including the terminating NUL.
 GID_MAX_BYTES = 199
@@ -503,23 +495,3 @@ class PostgresResource:
         idle, self._idle = self._idle, []
         for conn in idle:
             _discard(conn)
-
-
-# ---- ReservationResource: participant/reservation.py ----------------------------------------
-
-#: names defined in participant.reservation, re-exported from here
-_RESERVATION_NAMES = frozenset(
-    {"ReservationResource", "_NeedsIsolation", "_metadata", "_reservations", "_sqlalchemy_url"}
-)
-
-if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        """ReservationResource and its pieces, imported on first use (they import this module)."""
-        if name not in _RESERVATION_NAMES:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from participant import reservation
-
-        value = getattr(reservation, name)
-        globals()[name] = value
-        return value

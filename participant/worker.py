@@ -49,6 +49,7 @@ from runtime.crashpoints import crashpoint
 from runtime.driver import BatchDriver
 from runtime.heartbeat import HeartbeatSender
 from runtime.metrics import MetricsServer, ParticipantMetrics
+from runtime.tracing_spans import ParticipantTrace
 from schemas import topology
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
 from schemas.validation import PARTICIPANT_ACCEPTS, Limits
@@ -221,8 +222,8 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
         self.every(60.0, self._collect_garbage)
         tracing.setup_from_env(f"twophase-{app.name}")
-        self.trace: tracing.ParticipantTrace | None = (
-            tracing.ParticipantTrace(app.name) if tracing.ENABLED else None
+        self.trace: ParticipantTrace | None = (
+            ParticipantTrace(app.name) if tracing.ENABLED else None
         )
         self.metrics: ParticipantMetrics | None = None
         self.metrics_server: MetricsServer | None = None

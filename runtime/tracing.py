@@ -31,9 +31,8 @@ The bookkeeping lives here, in :mod:`runtime.tracing_spans` and in the drivers' 
 the pure cores. This module holds the set-up (``OTEL_*``, the tracer provider, :data:`ENABLED`),
 the W3C trace-context helpers, the span attribute names, the client's ``submit`` span and the
 reading of exported traces (:func:`spans_from_otlp`, :func:`format_span_tree`). The per-side span
-bookkeeping, :class:`CoordinatorTrace` and :class:`ParticipantTrace`, lives in
-:mod:`runtime.tracing_spans` (which imports this module); it is re-exported here, loaded on first
-use, so ``tracing.CoordinatorTrace`` and ``from runtime.tracing import ParticipantTrace`` work.
+bookkeeping, ``CoordinatorTrace`` and ``ParticipantTrace``, lives in
+:mod:`runtime.tracing_spans`, which builds on this module.
 """
 
 from __future__ import annotations
@@ -61,11 +60,6 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
-
-    from runtime.tracing_spans import CoordinatorTrace as CoordinatorTrace
-    from runtime.tracing_spans import ParticipantTrace as ParticipantTrace
-    from runtime.tracing_spans import S as S
-    from runtime.tracing_spans import _Tx as _Tx
 
 log = logging.getLogger("twophase.tracing")
 
@@ -309,24 +303,6 @@ def end_submit(span: Span, outcome: Outcome | None, error: BaseException | None 
         span.record_exception(error)
         _set_error(span, str(error))
     span.end()
-
-
-# ---- the coordinator's and a participant's spans: runtime/tracing_spans.py -----------------
-
-#: names defined in runtime.tracing_spans, re-exported from here
-_SPAN_NAMES = frozenset({"CoordinatorTrace", "ParticipantTrace", "S", "_Tx"})
-
-if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        """The span bookkeeping, imported on first use (it imports this module)."""
-        if name not in _SPAN_NAMES:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from runtime import tracing_spans
-
-        value = getattr(tracing_spans, name)
-        globals()[name] = value
-        return value
 
 
 # ---- reading exported traces ----------------------------------------------------------------

@@ -3,8 +3,7 @@
 :class:`CoordinatorTrace` and :class:`ParticipantTrace` are driven by the services' observation
 hooks (on their driver thread) and exist only while tracing is on: the drivers create one only
 when ``runtime.tracing.ENABLED`` is set. The trace's shape and the set-up, the W3C trace-context
-helpers and the span attribute names live in :mod:`runtime.tracing`, which also re-exports both
-classes (``tracing.CoordinatorTrace``, ``tracing.ParticipantTrace``): import them from there.
+helpers and the span attribute names live in :mod:`runtime.tracing`, below this module.
 
 The helpers of :mod:`runtime.tracing` are called through the module (``tracing.context_from``),
 looked up at each call as before the split, so a patched ``runtime.tracing`` function is the one

@@ -197,7 +197,7 @@ def _resolve(args: argparse.Namespace) -> int:
 
 def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
     from participant.admin import HeuristicHazard, resolve_branch
-    from twophase.cli import load_app
+    from twophase.apps import load_app
 
     if not args.app:
         return _refuse("--participant needs --app module:object")

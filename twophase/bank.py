@@ -18,7 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from participant.operations import Refuse
-from participant.resources import PostgresResource, ReservationResource
+from participant.reservation import ReservationResource
+from participant.resources import PostgresResource
 from participant.worker import Participant
 from runtime.store import ConfigurationError, database_url
 

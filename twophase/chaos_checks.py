@@ -19,7 +19,8 @@ import sqlalchemy as sa
 
 from coordinator.log import DecisionLog
 from participant.log import PrepareLog
-from participant.resources import PostgresResource, ReservationResource
+from participant.reservation import ReservationResource
+from participant.resources import PostgresResource
 from runtime.store import database_url
 from schemas.codec import decode_participant_record
 from schemas.messages import Branch

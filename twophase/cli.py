@@ -18,12 +18,12 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from runtime import config, logs, outages, store
 from runtime.redaction import redact_url
 from runtime.store import ConfigurationError
 from twophase import admin_cli
+from twophase.apps import load_app
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -61,26 +61,6 @@ def _coordinator(args: argparse.Namespace) -> int:
     )
     run_coordinator(coordinator)
     return 0
-
-
-def load_app(spec: str) -> Any:
-    """``module:object``; the object is a Participant or a callable that returns one."""
-    from participant.worker import Participant
-
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ConfigurationError(f"--app {spec!r} must look like package.module:object")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"--app {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    target = getattr(module, attribute, None)
-    if target is None:
-        raise ConfigurationError(f"--app {spec!r}: {module_name} has no attribute {attribute!r}")
-    app = target if isinstance(target, Participant) else target()
-    if not isinstance(app, Participant):
-        raise ConfigurationError(f"--app {spec!r} did not give a participant.Participant")
-    return app
 
 
 def _participant(args: argparse.Namespace) -> int:

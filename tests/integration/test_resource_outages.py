@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from participant.operations import OperationSpec, Refuse
-from participant.resources import PostgresResource, ReservationResource, ResourceUnavailable
+from participant.reservation import ReservationResource
+from participant.resources import PostgresResource, ResourceUnavailable
 from runtime import outages
 
 pytestmark = pytest.mark.integration

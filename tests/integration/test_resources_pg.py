@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from participant.operations import OperationSpec, Refuse
+from participant.reservation import ReservationResource
 from participant.resources import (
     PostgresResource,
-    ReservationResource,
     Resource,
     ResourceError,
     check_max_prepared_transactions,

@@ -265,3 +265,59 @@ def test_ast_scan_resolves_relative_imports(tmp_path: Path) -> None:
         "collections",
         "__import__()",
     ]
+
+
+# ---- no import cycles between modules -------------------------------------------------------
+
+
+def _import_cycles(packages: tuple[str, ...]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan), imports of every kind
+    counted: inside functions and under TYPE_CHECKING too, so that no cycle is hidden."""
+    import grimp
+
+    graph = grimp.build_graph(*packages)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in sorted(graph.find_modules_directly_imported_by(module)):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_module_of_the_product_imports_itself_through_others() -> None:
+    assert _import_cycles(PACKAGES) == []
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "cyclic"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from cyclic import b\n")
+    (package / "b.py").write_text("from cyclic import a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _import_cycles(("cyclic",)) == [["cyclic.a", "cyclic.b"]]

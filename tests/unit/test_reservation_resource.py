@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from participant.operations import OperationSpec, Refuse
-from participant.resources import ReservationResource, Resource, ResourceError
+from participant.reservation import ReservationResource
+from participant.resources import Resource, ResourceError
 
 ACCOUNTS = "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance BIGINT NOT NULL)"
 HOLDS = "CREATE TABLE holds (hold TEXT PRIMARY KEY, account TEXT NOT NULL, amount BIGINT NOT NULL)"

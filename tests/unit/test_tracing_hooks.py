@@ -214,8 +214,8 @@ def test_tracing_off_creates_no_span_and_parses_no_context(
     monkeypatch.setattr(TraceContextTextMapPropagator, "extract", trap)
     for helper in ("tracer", "start_submit", "context_from", "traceparent_of", "link_to"):
         monkeypatch.setattr(tracing, helper, trap)
-    monkeypatch.setattr(tracing, "CoordinatorTrace", trap)
-    monkeypatch.setattr(tracing, "ParticipantTrace", trap)
+    monkeypatch.setattr("coordinator.service.CoordinatorTrace", trap)
+    monkeypatch.setattr("participant.worker.ParticipantTrace", trap)
 
     world = World(tmp_path, monkeypatch)
     assert world.coordinator.trace is None and not world.coordinator.observing
