@@ -21,6 +21,7 @@ and ids, odd AMQP properties and headers, and replays of real messages captured 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from coordinator.client import Client
 from runtime import config
@@ -53,13 +55,28 @@ from twophase.chaos import (
     _wait_quiet,
 )
 from twophase.chaos_checks import BANKS, RESERVATION_BANK, ChaosResult, Inspector, judge
-from twophase.chaos_faults import Broker, FaultLog
-from twophase.fuzz_checks import FuzzResult, fuzz_checks, print_report, rss_kib
-from twophase.fuzz_corpus import Context, Corpus
+from twophase.chaos_faults import Broker, FaultLog, vhost_of
+from twophase.fuzz_checks import (
+    FuzzResult,
+    fuzz_checks,
+    print_report,
+    rss_kib,
+    service_connections,
+)
+from twophase.fuzz_corpus import KINDS, Context, Corpus
 from twophase.fuzz_traffic import HostilePublisher, Ledger, Observer, Target, client_target
 from twophase.processes import ServiceGroup
 
 __all__ = ["FuzzConfig", "FuzzResult", "run_fuzz", "run_fuzz_command"]
+
+#: a protocol queue that gets no shorter for this long means its service stopped consuming
+STALL_S = 60.0
+#: how long the answers and the quiet are waited for after that
+STALLED_WAIT_S = 15.0
+
+
+class _Stalled(Exception):
+    pass
 
 
 @dataclass
@@ -77,7 +94,9 @@ class FuzzConfig:
     answer_timeout_s: float = 180.0
     quiet_timeout_s: float = 180.0
     #: how long to wait for the last dead letters once the services are quiet
-    dead_letter_wait_s: float = 60.0
+    dead_letter_wait_s: float = 30.0
+    #: generator and header kinds left out (``twophase.fuzz_corpus.KINDS``)
+    without: frozenset[str] = frozenset()
     on_progress: Any = None
 
 
@@ -174,10 +193,10 @@ def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
             observer = Observer(cfg.amqp_url, ledger, [t.queue for t in targets])
             observer.start_and_wait()
             budget = max(8 << 20, min(128 << 20, cfg.messages << 10))
-            corpus = Corpus(
-                random.Random(rng.getrandbits(64)),
-                Context(BANKS, [client.reply_queue], now_ms, big_budget=budget),
-            )
+            limits = config.limits()  # what the services were started with
+            context = Context(BANKS, [client.reply_queue], now_ms, limits, budget)
+            context.without = cfg.without
+            corpus = Corpus(random.Random(rng.getrandbits(64)), context)
             publisher = HostilePublisher(
                 cfg.amqp_url,
                 ledger,
@@ -185,13 +204,17 @@ def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
                 targets,
                 observer,
                 rng=random.Random(rng.getrandbits(64)),
+                limits=limits,
                 replay_share=cfg.replay_share,
                 now_ms=now_ms,
             )
             load = Load(client, chaos_cfg, random.Random(rng.getrandbits(64)), run_id, accounts)
             _flood(cfg, result, services, publisher, corpus, load, say)
+            publisher.close()  # idle from here on: the broker would drop it for silence
             say("hostile messages sent; waiting for the real transfers' answers")
-            load.wait_for_answers(cfg.answer_timeout_s)
+            if publisher.stalled:  # a stuck service answers nobody: the checks say the rest
+                chaos_cfg.answer_timeout_s = chaos_cfg.quiet_timeout_s = STALLED_WAIT_S
+            load.wait_for_answers(chaos_cfg.answer_timeout_s)
             client_alive = _client_alive(client)
         say("waiting until quiet")
         inspector = _FuzzInspector(
@@ -216,6 +239,8 @@ def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
                 client_alive,
                 fault_log,
             )
+            result.disturbances = publisher.disturbances + observer.disturbances
+            result.connections_end = service_connections(vhost_of(cfg.amqp_url))
             fuzz_checks(result, ledger, publisher.stats, inspector, set(load.transfers))
         finally:
             inspector.close()
@@ -247,18 +272,25 @@ def _flood(
     def gate(i: int) -> None:
         while not done.is_set() and publisher.stats.sent < i * per_transfer:
             time.sleep(0.02)
+        if publisher.stalled:
+            raise _Stalled  # a stuck service answers no transfer: submit no more
 
-    loader = threading.Thread(target=load.run, args=(gate,), name="twophase-fuzz-load")
+    def submit() -> None:
+        with contextlib.suppress(_Stalled):
+            load.run(gate)
+
+    loader = threading.Thread(target=submit, name="twophase-fuzz-load")
     loader.start()
     try:
         warm = max(100, min(5_000, messages // 20))
         began = time.monotonic()
         _warm_up_sizes(publisher, corpus)
         publisher.publish(max(0, min(messages, warm) - publisher.stats.sent))
-        _wait_for_room(publisher, load)
+        _settle_warm_up(publisher, load)
         result.warmup_s = time.monotonic() - began
         result.rss_warm = {n: rss_kib(p.pid) for n, p in services.processes.items()}
         result.pids_warm = {n: p.pid for n, p in services.processes.items()}
+        result.connections_warm = service_connections(vhost_of(load.cfg.amqp_url))
         say(f"warmed up with {publisher.stats.sent} hostile messages; RSS {result.rss_warm} KiB")
         began = time.monotonic()
         next_report = [began + 10]
@@ -277,19 +309,22 @@ def _flood(
                 )
 
         publisher.publish(max(0, messages - publisher.stats.sent), on_batch=progress)
+        if not publisher.stalled:
+            publisher.drain(0, STALL_S)
         result.flood_s = time.monotonic() - began
+        result.stalled = dict(publisher.stalled)
     finally:
         done.set()
         loader.join()
 
 
-def _wait_for_room(publisher: HostilePublisher, load: Load, timeout_s: float = 120.0) -> None:
+def _settle_warm_up(publisher: HostilePublisher, load: Load, timeout_s: float = 120.0) -> None:
     """Until the protocol queues are drained and the warm-up share of transfers answered."""
+    if not publisher.drain(0, STALL_S):
+        return
     deadline = time.monotonic() + timeout_s
     want = max(1, load.cfg.transfers // 20)
-    while time.monotonic() < deadline:
-        if not any(publisher.depths().values()) and load.seen >= min(want, load.submitted):
-            break
+    while time.monotonic() < deadline and load.seen < min(want, load.submitted):
         publisher.connection.sleep(0.2)
     publisher.connection.sleep(1.0)  # the last batches' garbage is collected
 
@@ -333,7 +368,12 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"twophase fuzz: {text}", file=sys.stderr, flush=True)
 
+    without = frozenset(k for k in args.without.split(",") if k)
+    if without - set(KINDS):
+        print(f"twophase fuzz: unknown kinds {sorted(without - set(KINDS))}", file=sys.stderr)
+        return 2
     cfg = FuzzConfig(
+        without=without,
         amqp_url=amqp_url,
         pg_url=pg_url,
         data_dir=data_dir,
@@ -346,6 +386,7 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
         result = run_fuzz(cfg)
     finally:
         if not args.keep:
+            _roll_back_prepared(pg_url)
             _drop_database(pg_server, db_name)
             Broker.ctl("delete_vhost", vhost, check=False)
     if args.json:
@@ -357,6 +398,16 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _roll_back_prepared(pg_url: str) -> None:
+    """A run that failed may leave native branches prepared, which keep the database in use."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        gids = conn.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
+        ).fetchall()
+        for (gid,) in gids:
+            conn.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amqp-url", help="RabbitMQ URL [TWOPHASE_AMQP_URL]; a fresh vhost is made")
     p.add_argument("--pg-url", help="PostgreSQL server; a fresh database is made on it")
@@ -366,3 +417,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed of inputs and load")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--keep", action="store_true", help="keep the vhost and database afterwards")
+    p.add_argument(
+        "--without",
+        default="",
+        help="comma-separated generator or header kinds to leave out, of: " + ", ".join(KINDS),
+    )

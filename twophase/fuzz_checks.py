@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import sqlalchemy as sa
 
 from runtime.store import database_url
 from twophase.chaos_checks import MAX_LISTED, RESERVATION_BANK, ChaosResult, Check, Inspector
+from twophase.chaos_faults import Broker
 from twophase.fuzz_traffic import Ledger, PublisherStats, Sent
 
 RSS_GROWTH_MAX = 0.20
@@ -31,6 +33,26 @@ ROWS_PER_MESSAGE_MAX = 0.5
 #: rows of one hostile transaction at most: a well-formed hostile Begin of three branches is a
 #: transaction like any other (begun, aborted, ended; a refusal or tombstone per branch)
 ROWS_PER_TX_MAX = 8
+
+
+_CONNECTION_NAME = re.compile(r'"connection_name","([^"]*)"')
+
+
+def service_connections(vhost: str) -> dict[str, int]:
+    """The services' connections to ``vhost`` (by connection name; heartbeat connections are
+    their own) and when each was opened, in epoch milliseconds (the newest of a name)."""
+    out = Broker.ctl(
+        "list_connections", "client_properties", "connected_at", "vhost", "-q", "--no-table-headers"
+    )
+    found: dict[str, int] = {}
+    for line in out.splitlines():
+        columns = line.split("\t")
+        name = _CONNECTION_NAME.search(columns[0]) if len(columns) == 3 else None
+        if name is None or columns[2] != vhost or not columns[1].isdigit():
+            continue
+        if name.group(1).startswith(("twophase-coordinator", "twophase-bank-")):
+            found[name.group(1)] = max(found.get(name.group(1), 0), int(columns[1]))
+    return found
 
 
 def rss_kib(pid: int) -> int:
@@ -57,6 +79,14 @@ class FuzzResult:
     pids_warm: dict[str, int] = field(default_factory=dict)
     pids_end: dict[str, int] = field(default_factory=dict)
     exits: dict[str, int | None] = field(default_factory=dict)
+    #: queue depths when a service stopped consuming and the flood was cut short
+    stalled: dict[str, int] = field(default_factory=dict)
+    #: connections of the harness the broker dropped (the run was not undisturbed)
+    disturbances: list[str] = field(default_factory=list)
+    #: the services' broker connections (name -> opened at, epoch ms) after the warm-up and at
+    #: the end: one opened since is a reconnect
+    connections_warm: dict[str, int] = field(default_factory=dict)
+    connections_end: dict[str, int] = field(default_factory=dict)
     sent: dict[str, Any] = field(default_factory=dict)
     dead: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +117,9 @@ class FuzzResult:
             "rows": self.rows,
             "rss_kib": {"warm": self.rss_warm, "peak": self.rss_peak, "end": self.rss_end},
             "pids": {"warm": self.pids_warm, "end": self.pids_end},
+            "stalled": self.stalled,
+            "connections": {"warm": self.connections_warm, "end": self.connections_end},
+            "disturbances": self.disturbances,
             "total_before": base["total_before"],
             "total_after": base["total_after"],
             "checks": base["checks"],
@@ -111,6 +144,7 @@ def fuzz_checks(
         "by_kind": dict(stats.by_kind.most_common()),
         "by_queue": dict(stats.by_queue.most_common()),
         "expected": dict(stats.by_expected.most_common()),
+        "refused_by_broker": dict(stats.broker_refused),
     }
 
     moved = sorted(n for n, pid in result.pids_warm.items() if result.pids_end.get(n) != pid)
@@ -122,6 +156,42 @@ def fuzz_checks(
             f"restarted: {moved}; exited: {gone}"
             if moved or gone
             else f"{len(result.pids_end)} services, each with its PID of after the warm-up",
+        )
+    )
+    checks.append(
+        Check(
+            "flood_consumed",
+            not result.stalled,
+            f"the flood stopped after {stats.sent} messages: a queue got no shorter for a minute: "
+            f"{result.stalled}"
+            if result.stalled
+            else f"{stats.sent} hostile messages published, every service kept consuming",
+        )
+    )
+    checks.append(
+        Check(
+            "broker_steady",
+            not result.disturbances,
+            "; ".join(result.disturbances[:3])
+            + " (the dead-letter accounting cannot be trusted across a broker restart)"
+            if result.disturbances
+            else "no connection of the harness was dropped",
+        )
+    )
+    renewed = sorted(
+        name
+        for name, opened in result.connections_end.items()
+        if opened > result.connections_warm.get(name, 0)
+    )
+    missing = sorted(set(result.connections_warm) - set(result.connections_end))
+    checks.append(
+        Check(
+            "no_reconnects",
+            not renewed and not missing and bool(result.connections_end),
+            f"connections opened again after the warm-up: {renewed}; gone: {missing}"
+            if renewed or missing
+            else f"{len(result.connections_end)} service connections, each the one it had "
+            "after the warm-up",
         )
     )
     checks.extend(_dead_letter_checks(result, ledger))

@@ -1,10 +1,13 @@
 """Hostile inputs for ``twophase fuzz`` and the fuzz property tests.
 
-Everything here is made from a ``random.Random``, so a seed replays a run's inputs (hypothesis
-drives the same generators through ``st.randoms()``). Hostile messages live in their own id
-namespace (``evil-...`` transactions, ``evil-acct-...`` accounts): a random mutation cannot turn
-one into a *forgery* of a real transaction, which no robustness check could survive (the protocol
-has no authentication; a well-formed COMMIT for a real prepared branch is obeyed). Real messages
+Everything here is made from a ``random.Random`` (hypothesis drives the same generators through
+``st.randoms()``); in ``twophase fuzz`` the clock and the real messages captured for replay enter
+too, so a seed gives the same kinds of input, not the same bytes.
+
+Hostile messages live in their own id namespace (``evil-...`` transactions, ``evil-acct-...``
+accounts): a random mutation cannot turn one into a *forgery* of a real transaction, which no
+robustness check could survive (the protocol has no authentication; a well-formed COMMIT for a
+real prepared branch is obeyed). Real messages
 are only ever replayed unchanged.
 
 What a service should do with a body is :func:`expected_rejection`: the size limit, then the
@@ -14,6 +17,8 @@ of those, at the field level as well as at the byte level.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import random
 import string
@@ -200,6 +205,8 @@ class Context:
     #: bytes the run may spend on big bodies (>= BIG); each draws from it, none past it
     big_budget: int = 64 * 1024 * 1024
     counter: int = 0
+    #: generator and header kinds left out (say, one that hits a bug already reported)
+    without: frozenset[str] = frozenset()
 
     def spend(self, size: int) -> bool:
         if size < BIG:
@@ -307,7 +314,9 @@ class Corpus:
 
     def body(self) -> tuple[str, bytes]:
         """(generator name, body): one hostile body, by a generator drawn at random."""
-        names, weights = zip(*_WEIGHTS, strict=True)
+        names, weights = zip(
+            *[(n, w) for n, w in _WEIGHTS if n not in self.ctx.without], strict=True
+        )
         name = self.rng.choices(names, weights)[0]
         body = _GENERATORS[name](self)
         if not self.ctx.spend(len(body)):
@@ -480,6 +489,13 @@ class Corpus:
     def headers(self) -> tuple[str, dict[str, Any] | None]:
         """Odd AMQP headers: none at all, a traceparent that is garbage or not a string, forged
         twophase and broker headers, a great many of them."""
+        for _ in range(100):
+            kind, headers = self._headers()
+            if kind not in self.ctx.without:
+                return kind, headers
+        return "plain", {}
+
+    def _headers(self) -> tuple[str, dict[str, Any] | None]:
         rng = self.rng
         op = rng.randrange(10)
         if op == 0:
@@ -512,7 +528,13 @@ class Corpus:
         if op == 5:
             return "many-headers", {f"h{i}": "v" * rng.randint(0, 8) for i in range(1000)}
         if op == 6:
-            return "header-types", {"a": b"\x00\xff", "b": [1, "x", None], "c": {"d": {"e": 1}}}
+            return "header-types", {
+                "a": b"\x00\xff",
+                "b": [1, "x", None],
+                "c": {"d": {"e": 1}},
+                "d": decimal.Decimal("-1.5"),
+                "e": datetime.datetime(1970, 1, 1),
+            }
         if op == 7 and rng.random() < 0.1:
             # filled up to just under the frame size by the publisher, which knows its framing
             return "near-frame-max", {}
@@ -528,7 +550,8 @@ class Corpus:
             "content_encoding": lambda: rng.choice(("gzip", "utf-16", "evil")),
             "priority": lambda: rng.randint(0, 255),
             "correlation_id": lambda: "c" * rng.randint(0, 255),
-            "reply_to": lambda: rng.choice(("", "amq.rabbitmq.reply-to", "evil")),
+            # (not amq.rabbitmq.reply-to: the broker closes a channel without such a consumer)
+            "reply_to": lambda: rng.choice(("", "evil", topology.COORDINATOR_QUEUE)),
             "message_id": lambda: "".join(rng.choices(string.printable, k=rng.randint(0, 64))),
             "timestamp": lambda: rng.choice((0, 2**31, 2**63 - 1)),
             "type": lambda: rng.choice(("begin", "evil", "")),
@@ -579,3 +602,17 @@ _WEIGHTS: tuple[tuple[str, float], ...] = (
     ("big", 0.2),
     ("json-not-object", 2),
 )
+
+HEADER_KINDS = (
+    "no-headers",
+    "traceparent-valid",
+    "traceparent-odd",
+    "forged-error",
+    "forged-internal",
+    "many-headers",
+    "header-types",
+    "near-frame-max",
+    "plain",
+)
+#: every generator and header kind (what ``twophase fuzz --without`` may name)
+KINDS = (*(name for name, _ in _WEIGHTS), *HEADER_KINDS)

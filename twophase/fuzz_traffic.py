@@ -12,6 +12,7 @@ known by a digest of their queue and body, kept unique per run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import threading
@@ -27,6 +28,7 @@ import pika.exceptions
 
 from schemas import topology
 from schemas.validation import CLIENT_ACCEPTS, DEFAULT_LIMITS, Limits
+from twophase.chaos_faults import Broker, vhost_of
 from twophase.fuzz_corpus import ID_HEADER, Corpus, expected_rejection
 
 #: how many real messages per queue are kept for replay
@@ -87,6 +89,12 @@ class Ledger:
             if key is not None:
                 self.by_digest[key] = sent.number
 
+    def forget(self, number: int, key: bytes | None) -> None:
+        with self.lock:
+            self.sent.pop(number, None)
+            if key is not None:
+                self.by_digest.pop(key, None)
+
     def record_dead(self, queue: str, headers: dict[str, Any], body: bytes) -> None:
         reason = _text(headers.get(topology.ERROR_HEADER, ""))
         number_text = _text(headers.get(ID_HEADER, ""))
@@ -99,7 +107,8 @@ class Ledger:
             if number is None or number not in self.sent:
                 self.foreign_count += 1
                 if len(self.foreign) < 20:
-                    self.foreign.append((queue, reason, body[:120]))
+                    shown = f"{reason} [{ID_HEADER}={number_text or '-'}]"
+                    self.foreign.append((queue, shown, body[:120]))
                 return
             self.dead.setdefault(number, []).append(reason)
 
@@ -146,6 +155,8 @@ class Observer(threading.Thread):
         self._halt = threading.Event()
         self._ready = threading.Event()
         self.error: BaseException | None = None
+        #: connections the broker dropped (a restart, a kick): the run is not undisturbed
+        self.disturbances: list[str] = []
 
     def start_and_wait(self, timeout_s: float = 30.0) -> None:
         self.start()
@@ -162,34 +173,47 @@ class Observer(threading.Thread):
             return rng.choice(pool) if pool else None
 
     def run(self) -> None:
-        try:
-            connection = _connect(self.amqp_url, "twophase-fuzz-observer")
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-            return
-        try:
-            channel = connection.channel()
-            channel.basic_qos(prefetch_count=2000)
-            channel.basic_consume(topology.DEAD_LETTER_QUEUE, self._on_dead, auto_ack=True)
-            capture = channel.queue_declare(
-                "",
-                exclusive=True,
-                auto_delete=True,
-                arguments={"x-max-length": 2000, "x-overflow": "drop-head"},
-            ).method.queue
-            for key in self.capture_keys:
-                channel.queue_bind(capture, topology.EXCHANGE, routing_key=key)
-            channel.basic_consume(capture, self._on_captured, auto_ack=True)
-            self._ready.set()
-            while not self._halt.is_set():
-                connection.process_data_events(time_limit=0.2)
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-        finally:
-            if connection.is_open:
-                connection.close()
+        """Serve until stopped; reconnect (counted) if the broker drops the connection."""
+        deadline = time.monotonic() + 30
+        while not self._halt.is_set():
+            try:
+                connection = _connect(self.amqp_url, "twophase-fuzz-observer")
+            except pika.exceptions.AMQPConnectionError as exc:
+                if time.monotonic() > deadline:
+                    self.error = exc
+                    self._ready.set()
+                    return
+                time.sleep(0.5)
+                continue
+            try:
+                self._serve(connection)
+            except pika.exceptions.AMQPError as exc:
+                self.disturbances.append(f"observer: {exc!r}"[:200])
+                deadline = time.monotonic() + 120
+            except BaseException as exc:
+                self.error = exc
+                self._ready.set()
+                return
+            finally:
+                if connection.is_open:
+                    connection.close()
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=2000)
+        channel.basic_consume(topology.DEAD_LETTER_QUEUE, self._on_dead, auto_ack=True)
+        capture = channel.queue_declare(
+            "",
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": 2000, "x-overflow": "drop-head"},
+        ).method.queue
+        for key in self.capture_keys:
+            channel.queue_bind(capture, topology.EXCHANGE, routing_key=key)
+        channel.basic_consume(capture, self._on_captured, auto_ack=True)
+        self._ready.set()
+        while not self._halt.is_set():
+            connection.process_data_events(time_limit=0.2)
 
     def _on_dead(self, _ch: Any, method: Any, props: Any, body: bytes) -> None:
         self.ledger.record_dead(str(method.routing_key), dict(props.headers or {}), body)
@@ -222,6 +246,8 @@ class PublisherStats:
     by_queue: Counter[str] = field(default_factory=Counter)
     by_expected: Counter[str] = field(default_factory=Counter)
     paused_s: float = 0.0
+    #: what the broker itself refused (closing our channel), by error
+    broker_refused: Counter[str] = field(default_factory=Counter)
 
 
 class HostilePublisher:
@@ -242,28 +268,49 @@ class HostilePublisher:
         replay_share: float = 0.1,
         high_water: int = 3000,
         low_water: int = 500,
+        stall_s: float = 60.0,
         now_ms: Callable[[], int],
     ) -> None:
         self.ledger, self.corpus, self.targets = ledger, corpus, targets
         self.observer, self.rng, self.limits = observer, rng, limits
         self.replay_share, self.high_water, self.low_water = replay_share, high_water, low_water
+        self.stall_s = stall_s
         self.now_ms = now_ms
+        self.amqp_url = amqp_url
+        self.vhost = vhost_of(amqp_url)
         self.user = unquote(urlsplit(amqp_url).username or "guest")
         self.connection = _connect(amqp_url, "twophase-fuzz-hostile")
         self.channel = self.connection.channel()
         self.stats = PublisherStats()
         self.number = 0
+        self.disturbances: list[str] = []
+        #: the queue depths when the services stopped draining them (the flood was cut short)
+        self.stalled: dict[str, int] = {}
 
     def close(self) -> None:
         if self.connection.is_open:
-            self.connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):  # it is going away either way
+                self.connection.close()
+
+    def _reopen(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if not self.connection.is_open:
+                    self.connection = _connect(self.amqp_url, "twophase-fuzz-hostile")
+                self.channel = self.connection.channel()
+                return
+            except pika.exceptions.AMQPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def publish(
         self, count: int, *, batch: int = 500, on_batch: Callable[[], None] | None = None
     ) -> None:
         """Publish ``count`` hostile messages."""
         left = count
-        while left > 0:
+        while left > 0 and not self.stalled:
             for _ in range(min(batch, left)):
                 self.publish_one()
             left -= min(batch, left)
@@ -310,12 +357,24 @@ class HostilePublisher:
             len(body),
             body[:120],
         )
-        self.ledger.record_sent(sent, key)
         if headers_kind == "near-frame-max":
             props = near_frame_max(headers or {})
         else:
             props = pika.BasicProperties(headers=headers, **self.corpus.properties(self.user))
-        self.channel.basic_publish(topology.EXCHANGE, target.queue, body, props)
+        # in the ledger before it leaves: its dead letter may come back before this thread runs
+        self.ledger.record_sent(sent, key)
+        try:
+            self.channel.basic_publish(topology.EXCHANGE, target.queue, body, props)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # the broker refused it (and closed our channel): not sent, so not expected back
+            self.ledger.forget(sent.number, key)
+            self.stats.broker_refused[f"{exc.reply_code} {exc.reply_text[:100]}"] += 1
+            self._reopen()
+            return sent
+        except pika.exceptions.AMQPError as exc:
+            self.disturbances.append(f"publisher: {exc!r}"[:200])  # whether it left is unknown
+            self._reopen()
+            return sent
         stats = self.stats
         stats.sent += 1
         stats.bytes += len(body)
@@ -329,19 +388,51 @@ class HostilePublisher:
         for target in self.targets:
             if target.client:
                 continue
-            ok = self.channel.queue_declare(target.queue, passive=True)
+            try:
+                ok = self.channel.queue_declare(target.queue, passive=True)
+            except pika.exceptions.AMQPError as exc:
+                self.disturbances.append(f"publisher: {exc!r}"[:200])
+                self._reopen()
+                ok = self.channel.queue_declare(target.queue, passive=True)
             found[target.queue] = int(ok.method.message_count)
         return found
 
-    def wait_for_room(self, timeout_s: float = 300.0) -> None:
-        began = time.monotonic()
-        if max(self.depths().values(), default=0) <= self.high_water:
-            return
-        while max(self.depths().values(), default=0) > self.low_water:
-            if time.monotonic() - began > timeout_s:
-                raise RuntimeError(f"the services did not drain their queues: {self.depths()}")
-            self.connection.sleep(0.05)
-        self.stats.paused_s += time.monotonic() - began
+    def wait_for_room(self) -> None:
+        """Between batches: when a queue is past the high water mark, until all are below the
+        low one."""
+        if max(self.depths().values(), default=0) > self.high_water:
+            began = time.monotonic()
+            self.drain(self.low_water, self.stall_s)
+            self.stats.paused_s += time.monotonic() - began
+
+    def totals(self) -> dict[str, int]:
+        """Messages in each protocol queue, ready *and* unacknowledged: a consumer stuck in a
+        reconnect loop takes its prefetch and gives it back, and the ready count alone would
+        read as a drained queue most of the time. (Asked with rabbitmqctl: about 0.5 s.)"""
+        out = Broker.ctl(
+            "list_queues", "-p", self.vhost, "name", "messages", "-q", "--no-table-headers"
+        )
+        counts = dict(line.rsplit("\t", 1) for line in out.splitlines() if "\t" in line)
+        return {t.queue: int(counts.get(t.queue, 0)) for t in self.targets if not t.client}
+
+    def drain(self, below: int = 0, timeout_s: float = 60.0) -> bool:
+        """Until every queue holds at most ``below`` messages. A queue that gets no shorter for
+        ``timeout_s`` means a service stopped consuming: the flood ends there (``stalled``), and
+        the checks say so."""
+        totals = self.totals()
+        lowest = dict(totals)
+        progress_at = dict.fromkeys(totals, time.monotonic())
+        while max(totals.values(), default=0) > below:
+            now = time.monotonic()
+            for queue, total in totals.items():
+                if total < lowest[queue]:
+                    lowest[queue], progress_at[queue] = total, now
+                elif total > below and now - progress_at[queue] > timeout_s:
+                    self.stalled = totals
+                    return False
+            self.connection.sleep(0.2)
+            totals = self.totals()
+        return True
 
 
 def near_frame_max(headers: dict[str, Any], slack: int = 64) -> pika.BasicProperties:
