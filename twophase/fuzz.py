@@ -63,8 +63,15 @@ from twophase.fuzz_checks import (
     rss_kib,
     service_connections,
 )
-from twophase.fuzz_corpus import KINDS, Context, Corpus
-from twophase.fuzz_traffic import HostilePublisher, Ledger, Observer, Target, client_target
+from twophase.fuzz_corpus import Context, Corpus
+from twophase.fuzz_traffic import (
+    KINDS,
+    HostilePublisher,
+    Ledger,
+    Observer,
+    Target,
+    client_target,
+)
 from twophase.processes import ServiceGroup
 
 __all__ = ["FuzzConfig", "FuzzResult", "run_fuzz", "run_fuzz_command"]

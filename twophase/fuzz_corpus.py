@@ -17,14 +17,13 @@ of those, at the field level as well as at the byte level.
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import json
 import random
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
@@ -452,7 +451,7 @@ class Corpus:
             begin = self.sample(Begin)
             assert isinstance(begin, Begin)
             branch = Branch(begin.branches[0].participant, "debit", args)
-            return encode(Begin(**{**_fields(begin), "branches": (branch,)}))
+            return encode(msgspec.structs.replace(begin, branches=(branch,)))
         return self.padded(limit + (0 if op <= 3 else 1))
 
     def padded(self, size: int) -> bytes:
@@ -460,7 +459,7 @@ class Corpus:
         message = self.sample(self.rng.choice((Vote, Abort, Outcome)))
         short = encode(message)
         reason = "r" * max(0, size - len(short))
-        body = encode(msgspec_replace(message, reason=reason))
+        body = encode(msgspec.structs.replace(message, reason=reason))
         return body + b" " * max(0, size - len(body))
 
     def envelope_body(self) -> bytes:
@@ -485,90 +484,6 @@ class Corpus:
         doc = json.loads(encode(self.envelope(2)))
         doc["messages"][0]["traceparent"] = odd_value(rng)
         return dumps(doc)
-
-    def headers(self) -> tuple[str, dict[str, Any] | None]:
-        """Odd AMQP headers: none at all, a traceparent that is garbage or not a string, forged
-        twophase and broker headers, a great many of them."""
-        for _ in range(100):
-            kind, headers = self._headers()
-            if kind not in self.ctx.without:
-                return kind, headers
-        return "plain", {}
-
-    def _headers(self) -> tuple[str, dict[str, Any] | None]:
-        rng = self.rng
-        op = rng.randrange(10)
-        if op == 0:
-            return "no-headers", None
-        if op == 1:
-            return "traceparent-valid", {"traceparent": self.traceparent()}
-        if op == 2:
-            value: Any = rng.choice(
-                (
-                    "garbage",
-                    "",
-                    "00-" + "f" * 32 + "-" + "f" * 16 + "-01" + "x" * 10_000,
-                    12345,
-                    -(2**40),
-                    True,
-                    None,
-                    b"\xff\xfe\x00",
-                    ["00-a-b-01", 7],
-                    {"traceparent": "nested"},
-                )
-            )
-            return "traceparent-odd", {"traceparent": value}
-        if op == 3:
-            return "forged-error", {topology.ERROR_HEADER: "invalid: forged", "x-death": [{}]}
-        if op == 4:
-            return "forged-internal", {
-                "x-twophase-seq": rng.choice((1, "1", -1)),
-                "x-original-routing-key": "x",
-            }
-        if op == 5:
-            return "many-headers", {f"h{i}": "v" * rng.randint(0, 8) for i in range(1000)}
-        if op == 6:
-            return "header-types", {
-                "a": b"\x00\xff",
-                "b": [1, "x", None],
-                "c": {"d": {"e": 1}},
-                "d": decimal.Decimal("-1.5"),
-                "e": datetime.datetime(1970, 1, 1),
-            }
-        if op == 7 and rng.random() < 0.1:
-            # filled up to just under the frame size by the publisher, which knows its framing
-            return "near-frame-max", {}
-        return "plain", {}
-
-    def properties(self, user: str) -> dict[str, Any]:
-        """Odd AMQP properties besides headers; ``expiration`` and a foreign ``user_id`` are left
-        out: the broker dead-letters an expired message itself, and refuses a forged user."""
-        rng = self.rng
-        props: dict[str, Any] = {"delivery_mode": rng.choice((1, 2))}
-        pool: dict[str, Callable[[], Any]] = {
-            "content_type": lambda: rng.choice(("application/x-evil", "text/plain", "")),
-            "content_encoding": lambda: rng.choice(("gzip", "utf-16", "evil")),
-            "priority": lambda: rng.randint(0, 255),
-            "correlation_id": lambda: "c" * rng.randint(0, 255),
-            # (not amq.rabbitmq.reply-to: the broker closes a channel without such a consumer)
-            "reply_to": lambda: rng.choice(("", "evil", topology.COORDINATOR_QUEUE)),
-            "message_id": lambda: "".join(rng.choices(string.printable, k=rng.randint(0, 64))),
-            "timestamp": lambda: rng.choice((0, 2**31, 2**63 - 1)),
-            "type": lambda: rng.choice(("begin", "evil", "")),
-            "app_id": lambda: "evil",
-            "user_id": lambda: user,
-        }
-        for name in rng.sample(sorted(pool), rng.randint(0, 3)):
-            props[name] = pool[name]()
-        return props
-
-
-def _fields(message: Any) -> dict[str, Any]:
-    return {name: getattr(message, name) for name in message.__struct_fields__}
-
-
-def msgspec_replace(message: Any, **changes: Any) -> Any:
-    return type(message)(**{**_fields(message), **changes})
 
 
 _GENERATORS: dict[str, Callable[[Corpus], bytes]] = {
@@ -603,16 +518,5 @@ _WEIGHTS: tuple[tuple[str, float], ...] = (
     ("json-not-object", 2),
 )
 
-HEADER_KINDS = (
-    "no-headers",
-    "traceparent-valid",
-    "traceparent-odd",
-    "forged-error",
-    "forged-internal",
-    "many-headers",
-    "header-types",
-    "near-frame-max",
-    "plain",
-)
-#: every generator and header kind (what ``twophase fuzz --without`` may name)
-KINDS = (*(name for name, _ in _WEIGHTS), *HEADER_KINDS)
+#: what ``twophase fuzz --without`` may name besides the header kinds of twophase.fuzz_traffic
+GENERATOR_KINDS = tuple(name for name, _ in _WEIGHTS)

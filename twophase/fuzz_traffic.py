@@ -13,8 +13,11 @@ known by a digest of their queue and body, kept unique per run.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
 import hashlib
 import random
+import string
 import threading
 import time
 from collections import Counter
@@ -29,7 +32,7 @@ import pika.exceptions
 from schemas import topology
 from schemas.validation import CLIENT_ACCEPTS, DEFAULT_LIMITS, Limits
 from twophase.chaos_faults import Broker, vhost_of
-from twophase.fuzz_corpus import ID_HEADER, Corpus, expected_rejection
+from twophase.fuzz_corpus import GENERATOR_KINDS, ID_HEADER, Corpus, expected_rejection
 
 #: how many real messages per queue are kept for replay
 CAPTURED_PER_QUEUE = 300
@@ -334,7 +337,7 @@ class HostilePublisher:
             self.stats.replays += 1
         elif body is None:
             kind, body = self.corpus.body()
-            headers_kind, headers = self.corpus.headers()
+            headers_kind, headers = odd_headers(self.corpus)
         assert body is not None
         self.number += 1
         key = None
@@ -360,7 +363,7 @@ class HostilePublisher:
         if headers_kind == "near-frame-max":
             props = near_frame_max(headers or {})
         else:
-            props = pika.BasicProperties(headers=headers, **self.corpus.properties(self.user))
+            props = pika.BasicProperties(headers=headers, **odd_properties(rng, self.user))
         # in the ledger before it leaves: its dead letter may come back before this thread runs
         self.ledger.record_sent(sent, key)
         try:
@@ -433,6 +436,99 @@ class HostilePublisher:
             self.connection.sleep(0.2)
             totals = self.totals()
         return True
+
+
+def odd_headers(corpus: Corpus) -> tuple[str, dict[str, Any] | None]:
+    """(kind, headers): none at all, a traceparent that is garbage or not a string, forged
+    twophase and broker headers, a great many of them, or plain ones."""
+    for _ in range(100):
+        kind, headers = _odd_headers(corpus)
+        if kind not in corpus.ctx.without:
+            return kind, headers
+    return "plain", {}
+
+
+def _odd_headers(corpus: Corpus) -> tuple[str, dict[str, Any] | None]:
+    rng = corpus.rng
+    op = rng.randrange(10)
+    if op == 0:
+        return "no-headers", None
+    if op == 1:
+        return "traceparent-valid", {"traceparent": corpus.traceparent()}
+    if op == 2:
+        value: Any = rng.choice(
+            (
+                "garbage",
+                "",
+                "00-" + "f" * 32 + "-" + "f" * 16 + "-01" + "x" * 10_000,
+                12345,
+                -(2**40),
+                True,
+                None,
+                b"\xff\xfe\x00",
+                ["00-a-b-01", 7],
+                {"traceparent": "nested"},
+            )
+        )
+        return "traceparent-odd", {"traceparent": value}
+    if op == 3:
+        return "forged-error", {topology.ERROR_HEADER: "invalid: forged", "x-death": [{}]}
+    if op == 4:
+        return "forged-internal", {
+            "x-twophase-seq": rng.choice((1, "1", -1)),
+            "x-original-routing-key": "x",
+        }
+    if op == 5:
+        return "many-headers", {f"h{i}": "v" * rng.randint(0, 8) for i in range(1000)}
+    if op == 6:
+        return "header-types", {
+            "a": b"\x00\xff",
+            "b": [1, "x", None],
+            "c": {"d": {"e": 1}},
+            "d": decimal.Decimal("-1.5"),
+            "e": datetime.datetime(1970, 1, 1),
+        }
+    if op == 7 and rng.random() < 0.1:
+        # filled up to just under the frame size by the publisher, which knows its framing
+        return "near-frame-max", {}
+    return "plain", {}
+
+
+def odd_properties(rng: random.Random, user: str) -> dict[str, Any]:
+    """Odd AMQP properties besides headers; ``expiration`` and a foreign ``user_id`` are left
+    out: the broker dead-letters an expired message itself, and refuses a forged user."""
+    props: dict[str, Any] = {"delivery_mode": rng.choice((1, 2))}
+    pool: dict[str, Callable[[], Any]] = {
+        "content_type": lambda: rng.choice(("application/x-evil", "text/plain", "")),
+        "content_encoding": lambda: rng.choice(("gzip", "utf-16", "evil")),
+        "priority": lambda: rng.randint(0, 255),
+        "correlation_id": lambda: "c" * rng.randint(0, 255),
+        # (not amq.rabbitmq.reply-to: the broker closes a channel without such a consumer)
+        "reply_to": lambda: rng.choice(("", "evil", topology.COORDINATOR_QUEUE)),
+        "message_id": lambda: "".join(rng.choices(string.printable, k=rng.randint(0, 64))),
+        "timestamp": lambda: rng.choice((0, 2**31, 2**63 - 1)),
+        "type": lambda: rng.choice(("begin", "evil", "")),
+        "app_id": lambda: "evil",
+        "user_id": lambda: user,
+    }
+    for name in rng.sample(sorted(pool), rng.randint(0, 3)):
+        props[name] = pool[name]()
+    return props
+
+
+HEADER_KINDS = (
+    "no-headers",
+    "traceparent-valid",
+    "traceparent-odd",
+    "forged-error",
+    "forged-internal",
+    "many-headers",
+    "header-types",
+    "near-frame-max",
+    "plain",
+)
+#: every generator and header kind (what ``twophase fuzz --without`` may name)
+KINDS = (*GENERATOR_KINDS, *HEADER_KINDS)
 
 
 def near_frame_max(headers: dict[str, Any], slack: int = 64) -> pika.BasicProperties:

@@ -38,6 +38,7 @@ from schemas.validation import (
 )
 from tests.unit.test_drivers import BANKS, REPLY, System, credit, transfer, unwrap
 from twophase.fuzz_corpus import BAD_NAMES, Context, Corpus, dumps, expected_rejection
+from twophase.fuzz_traffic import odd_headers
 
 ACCEPTS: dict[str, tuple[type[Any], ...] | None] = {
     topology.COORDINATOR_QUEUE: COORDINATOR_ACCEPTS,
@@ -213,7 +214,7 @@ def hostile_items(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
         body = encode(made.sample(rng.choice(takes) if takes and rng.random() < 0.8 else None))
     else:
         _, body = made.body()
-    _, headers = made.headers()
+    _, headers = odd_headers(made)
     return queue, body, shown_headers(headers)
 
 
