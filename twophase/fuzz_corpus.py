@@ -462,6 +462,30 @@ class Corpus:
         body = encode(msgspec.structs.replace(message, reason=reason))
         return body + b" " * max(0, size - len(body))
 
+    def heavy_envelope(self) -> bytes:
+        """Well-formed single-branch Begins for one real participant, each with arguments near
+        their limit, as many as fit the size limit: their PREPAREs, all for one queue, make an
+        envelope the coordinator must split to send."""
+        rng, limits = self.rng, self.ctx.limits
+        bank = rng.choice(list(self.ctx.participants))
+        pad = "p" * (limits.max_args_bytes - 64)
+        items: list[Enveloped] = []
+        size = 64
+        while len(items) < 256:
+            args = {"account": f"evil-acct-{rng.randrange(100)}", "amount": 1, "pad": pad}
+            begin = Begin(
+                tx_id=self.tx_id(),
+                branches=(Branch(bank, rng.choice(("debit", "credit")), args),),
+                timeout_ms=rng.randint(1000, 5000),
+                reply_to=self.reply_to(),
+            )
+            item = Enveloped(message=begin)
+            size += len(encode(item)) + 1
+            if size > limits.max_message_bytes:
+                break
+            items.append(item)
+        return encode(Envelope(messages=tuple(items)))
+
     def envelope_body(self) -> bytes:
         """Envelopes: empty, over the count limit, nested, with one bad item among good ones."""
         rng = self.rng
@@ -500,6 +524,7 @@ _GENERATORS: dict[str, Callable[[Corpus], bytes]] = {
     "encoding": lambda c: c.encoding_oddity(),
     "envelope": lambda c: c.envelope_body(),
     "big": lambda c: c.big(),
+    "heavy-envelope": lambda c: c.heavy_envelope(),
     "json-not-object": lambda c: c.rng.choice((b"[]", b"null", b"1", b'"begin"', b"true", b"")),
 }
 
@@ -515,6 +540,7 @@ _WEIGHTS: tuple[tuple[str, float], ...] = (
     ("encoding", 5),
     ("envelope", 6),
     ("big", 0.2),
+    ("heavy-envelope", 0.03),
     ("json-not-object", 2),
 )
 
