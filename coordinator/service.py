@@ -65,21 +65,27 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
     side = "coordinator"
 
     def __init__(self, config: CoordinatorConfig) -> None:
-        self.metrics_server: MetricsServer | None = None
-        if config.metrics_port:
-            try:
-                self.metrics_server = MetricsServer(config.metrics_port, config.metrics_registry)
-            except ConfigurationError as exc:
-                if not config.metrics_best_effort:
-                    raise
-                log.warning("no metrics endpoint: %s", exc)
+        """Connect to the log and the broker and rebuild the state from the log; on any failure,
+        close what was opened. Nothing is served until :meth:`serve_forever`."""
         self.config = config
+        self.metrics_server: MetricsServer | None = None
         journal = DecisionLog(config.log_url)
-        channel = (config.channel_factory or AmqpChannel)(
-            config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
-        )
-        channel.declare_queue(topology.COORDINATOR_QUEUE)
-        self.decision_log = journal
+        channel: Any = None
+        try:
+            channel = (config.channel_factory or AmqpChannel)(
+                config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
+            )
+            channel.declare_queue(topology.COORDINATOR_QUEUE)
+            self.decision_log = journal
+            self._build(channel, journal)
+        except BaseException:
+            if channel is not None:
+                channel.close()
+            journal.close()
+            raise
+
+    def _build(self, channel: Any, journal: DecisionLog) -> None:
+        config = self.config
         super().__init__(
             channel,
             journal,
@@ -103,6 +109,17 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
             self.every(0.5, self._refresh_metrics)
         self.observing = self.trace is not None or self.metrics is not None
         self.recover()
+
+    def _serve_metrics(self) -> None:
+        config = self.config
+        if not config.metrics_port:
+            return
+        try:
+            self.metrics_server = MetricsServer(config.metrics_port, config.metrics_registry)
+        except ConfigurationError as exc:
+            if not config.metrics_best_effort:
+                raise
+            log.warning("no metrics endpoint: %s", exc)
 
     def dependencies(self) -> list[outages.Dependency]:
         return [outages.Dependency("log", self.config.log_url, self.decision_log.log.probe)]
@@ -187,10 +204,12 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
 
     def serve_forever(self) -> None:
         try:
+            self._serve_metrics()
             super().serve_forever()
         finally:
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            self.decision_log.close()
 
     def _republish(self) -> None:
         # Called right after a reconnect: heartbeats sent while we were cut off never reached us.
@@ -204,7 +223,13 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
 
 
 def run_coordinator(config: CoordinatorConfig) -> None:
-    service = CoordinatorService(config)
+    """The coordinator process: connect and recover (waiting out an outage that begins during
+    the start, as any later one), then serve until stopped."""
+    service: CoordinatorService | None = None
+    for attempt in outages.retrying(what="coordinator: starting"):
+        with attempt:
+            service = CoordinatorService(config)
+    assert service is not None
     log.info(
         "coordinator ready: consuming %s, log at %s",
         topology.COORDINATOR_QUEUE,

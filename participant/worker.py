@@ -42,8 +42,9 @@ from participant.operations import (
     OperationSpec,
     Refuse,
 )
-from participant.resources import CommitsAtOnce, Finish, Resource, SharesTransactions
-from runtime import config, logs, outages, store, tracing
+from participant.resources import CommitsAtOnce, Finish, Resource
+from participant.units import UnitOfWork, unit_of_work
+from runtime import config, logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.crashpoints import crashpoint
 from runtime.driver import BatchDriver
@@ -145,11 +146,17 @@ class Participant:
         return register
 
     def run(self) -> None:
-        """Serve in the calling thread until :meth:`stop`."""
-        self._worker = ParticipantWorker(self)
+        """Serve in the calling thread until :meth:`stop`: connect and recover (an outage that
+        begins meanwhile is waited out, as any later one), then serve."""
+        worker: ParticipantWorker | None = None
+        for attempt in outages.retrying(what=f"participant {self.name}: starting"):
+            with attempt:
+                worker = ParticipantWorker(self)
+        assert worker is not None
+        self._worker = worker
         self._ready.set()
         try:
-            self._worker.serve_forever()
+            worker.serve_forever()
         finally:
             self.resource.close()
 
@@ -187,13 +194,27 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
     side = "participant"
 
     def __init__(self, app: Participant) -> None:
+        """Connect to the log and the broker and rebuild the state from the log and the
+        resource; on any failure, close what was opened (the resource is the app's to close).
+        Nothing is served until :meth:`serve_forever`."""
         self.app = app
         self.resource = app.resource
         self.resource.bind(app.name)
         journal = PrepareLog(app.log_url, app.name)
-        channel = (app.channel_factory or AmqpChannel)(
-            app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
-        )
+        channel: Any = None
+        try:
+            channel = (app.channel_factory or AmqpChannel)(
+                app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
+            )
+            self._build(channel, journal)
+        except BaseException:
+            if channel is not None:
+                channel.close()
+            journal.close()
+            raise
+
+    def _build(self, channel: Any, journal: PrepareLog) -> None:
+        app = self.app
         queue = topology.participant_queue(app.name)
         channel.declare_queue(queue)
         channel.declare_queue(topology.COORDINATOR_QUEUE)
@@ -208,13 +229,9 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         )
         self.core = ParticipantCore(app.name, app.settings)
         self.last_orphans: list[tuple[str, float]] = []
-        #: the batch's one local transaction, when the resource and the log share a database
-        self.shared: SharesTransactions | None = None
-        if isinstance(self.resource, SharesTransactions) and self.resource.shares_database(
-            app.log_url
-        ):
-            self.shared = self.resource
-        self._unit: Any = None
+        #: how a batch's branches and records become durable (one local transaction when the
+        #: resource and the log share a database)
+        self.unit: UnitOfWork = unit_of_work(self.resource, journal, app.log_url)
         self._to_prepare: list[ExecuteBranch] = []
         self._to_finish: list[CommitBranch | AbortBranch] = []
         self._lookups: list[str] = []
@@ -232,8 +249,6 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             self.every(0.5, self.metrics.refresh)
         self.observing = self.trace is not None or self.metrics is not None
         self.recover()
-        if app.metrics_port:
-            self.metrics_server = MetricsServer(app.metrics_port, app.metrics_registry)
 
     @property
     def name(self) -> str:
@@ -251,7 +266,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         return self.app.metrics_registry
 
     def reset(self) -> None:
-        self._close_unit()
+        self.unit.discard()
         self.core = ParticipantCore(self.app.name, self.app.settings)
         self._to_prepare, self._to_finish, self._lookups = [], [], []
 
@@ -270,6 +285,8 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             ),
             lambda: self.last_progress,
         )
+        if self.app.metrics_port:
+            self.metrics_server = MetricsServer(self.app.metrics_port, self.app.metrics_registry)
         heartbeats.start()
         try:
             super().serve_forever()
@@ -277,38 +294,21 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             heartbeats.stop()
             if self.metrics_server is not None:
                 self.metrics_server.close()
+            self.prepare_log.close()
 
     def turn(self) -> None:
         try:
             super().turn()
         except BaseException:
-            self._close_unit()  # nothing of the failed batch becomes durable
+            self.unit.discard()  # nothing of the failed batch becomes durable
             raise
         self.last_progress = time.monotonic()
 
-    def _open_unit(self) -> Any:
-        if self._unit is None and self.shared is not None:
-            self._unit = self.shared.begin_unit()
-        return self._unit
-
-    def _close_unit(self) -> None:
-        unit, self._unit = self._unit, None
-        if unit is not None:
-            with contextlib.suppress(Exception):
-                unit.close()  # rolls back what was not committed
-
     def write_records(self, records: list[ParticipantRecord]) -> None:
-        """With a shared database, the records join the batch's branches in ONE commit: the
-        branch, its record and (only after the commit) its vote or ACK cannot disagree."""
-        unit = self._unit
-        if unit is None:
-            super().write_records(records)
-            return
-        try:
-            self.prepare_log.append_in(unit, records)
-            store.commit(unit)  # on PostgreSQL: branches, records and COMMIT in one round trip
-        finally:
-            self._close_unit()
+        """The unit of work decides: with a shared database, the records join the batch's
+        branches in ONE commit, so a branch, its record and (only after the commit) its vote or
+        ACK cannot disagree."""
+        self.unit.write(records)
 
     def recover(self) -> None:
         """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
@@ -370,10 +370,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             finishing, self._to_finish = self._to_finish, []
             items = [self._finish_item(e) for e in finishing]
             with self._traced_finish(finishing):
-                if self.shared is not None:
-                    self.shared.finish_many_in(self._open_unit(), items)
-                else:
-                    self.resource.finish_many(items)
+                self.unit.finish_many(items)
             crashpoint("participant.after_commit")
 
     def _prepare_branches(self) -> list[BranchExecuted]:
@@ -400,15 +397,12 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         at_once = [
             (effect.tx_id, spec, effect.args, True)
             for (effect, spec), refusal in zip(known, refusals, strict=True)
-            if refusal is None and effect.one_phase and not self._commits_directly
+            if refusal is None and effect.one_phase and not self.unit.commits_directly
         ]
         if at_once:
             # One phase: committed in the resource before the COMMITTED record and vote (with a
             # shared database, in the very same local transaction as that record).
-            if self.shared is not None:
-                self.shared.finish_many_in(self._open_unit(), at_once)
-            else:
-                self.resource.finish_many(at_once)
+            self.unit.finish_many(at_once)
         committed_before = self._committed_before(known, refusals)
         for (effect, _spec), refusal in zip(known, refusals, strict=True):
             if refusal is None or effect.tx_id in committed_before:
@@ -416,10 +410,6 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
             else:
                 results.append(BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason))
         return results
-
-    @property
-    def _commits_directly(self) -> bool:
-        return self.shared is None and isinstance(self.resource, CommitsAtOnce)
 
     def _run_handlers(
         self, known: list[tuple[ExecuteBranch, OperationSpec]]
@@ -429,18 +419,13 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         direct: list[int] = []
         staged: list[int] = []
         for i, (effect, _spec) in enumerate(known):
-            (direct if effect.one_phase and self._commits_directly else staged).append(i)
-        for indexes, run in ((staged, self._prepare_many), (direct, self._commit_at_once_many)):
+            (direct if effect.one_phase and self.unit.commits_directly else staged).append(i)
+        for indexes, run in ((staged, self.unit.prepare_many), (direct, self._commit_at_once_many)):
             if indexes:
                 branches = [(known[i][0].tx_id, known[i][1], known[i][0].args) for i in indexes]
                 for i, refusal in zip(indexes, run(branches), strict=True):
                     refusals[i] = refusal
         return refusals
-
-    def _prepare_many(self, branches: list[tuple[str, OperationSpec, dict[str, Any]]]) -> Any:
-        if self.shared is not None:
-            return self.shared.prepare_many_in(self._open_unit(), branches)
-        return self.resource.prepare_many(branches)
 
     def _commit_at_once_many(
         self, branches: list[tuple[str, OperationSpec, dict[str, Any]]]
@@ -458,9 +443,7 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         return self._committed(refused) if refused else set()
 
     def _committed(self, tx_ids: list[str]) -> set[str]:
-        if self.shared is not None:
-            return self.shared.committed_in(self._open_unit(), tx_ids)
-        return self.resource.committed(tx_ids)
+        return self.unit.committed(tx_ids)
 
     def _finish_item(self, effect: CommitBranch | AbortBranch) -> Finish:
         if isinstance(effect, CommitBranch):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from coordinator.client import Client
-from participant.worker import Participant
+from participant.units import SharedLog
+from participant.worker import Participant, ParticipantWorker
 from runtime.amqp import AmqpChannel
 from runtime.driver import now_ms
 from schemas import topology
@@ -43,9 +44,9 @@ def prepared_xacts(pg_url: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    import time
-
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -127,7 +128,11 @@ def test_a_no_vote_rolls_every_branch_back(
     assert "insufficient funds" in outcome.reason
     wait_for(lambda: prepared_xacts(pg_url) == [], what="no prepared branch left")
     for b in banks.values():
-        wait_for(lambda b=b: all(v == (100, 0) for v in b.balances().values()), what=b.name)
+
+        def untouched(b: Bank = b) -> bool:
+            return all(v == (100, 0) for v in b.balances().values())
+
+        wait_for(untouched, what=b.name)
 
 
 def test_unknown_participant_and_unknown_operation_abort_naming_them(
@@ -240,18 +245,14 @@ def test_garbage_goes_to_the_dead_letter_queue_and_the_next_transaction_commits(
             assert client.submit(transfer(5), timeout=10).outcome is OutcomeKind.COMMITTED
         channel.consume(topology.DEAD_LETTER_QUEUE)
         dead: list[tuple[bytes, str]] = []
-        wait_for(
-            lambda: (
-                bool(
-                    dead.extend(
-                        (d.body, d.headers.get(topology.ERROR_HEADER, ""))
-                        for d in channel.poll(0.2)
-                    )
-                )
-                or len(dead) >= 2
-            ),
-            what="two dead letters",
-        )
+
+        def two_dead_letters() -> bool:
+            dead.extend(
+                (d.body, d.headers.get(topology.ERROR_HEADER, "")) for d in channel.poll(0.2)
+            )
+            return len(dead) >= 2
+
+        wait_for(two_dead_letters, what="two dead letters")
     finally:
         channel.close()
     bodies = {body: reason for body, reason in dead}
@@ -291,7 +292,7 @@ def test_reservation_banks_with_their_logs_in_their_postgresql_database(
             app = bank.create_bank(name, pg_url, amqp_url=amqp_url, log_url=pg_url)
             app.start()
             apps.append(app)
-            assert app.worker is not None and app.worker.shared is not None
+            assert app.worker is not None and isinstance(app.worker.unit, SharedLog)
 
         def pay(amount: int) -> OutcomeKind:
             branches = [
@@ -312,7 +313,11 @@ def test_reservation_banks_with_their_logs_in_their_postgresql_database(
             for app in apps:
                 worker = app.worker
                 assert worker is not None
-                wait_for(lambda w=worker: not w.core.in_doubt(), what="branches finished")
+
+                def finished(w: ParticipantWorker = worker) -> bool:
+                    return not w.core.in_doubt()
+
+                wait_for(finished, what="branches finished")
                 assert worker.prepare_log.unfinished_branches() == []
     finally:
         for app in apps:
@@ -325,7 +330,12 @@ def test_a_burst_of_submits_wakes_the_client_once(amqp_url: str) -> None:
     with Client(amqp_url) as client:
         wakes: list[None] = []
         wake = client._wake
-        client._wake = lambda: (wakes.append(None), wake())[-1]  # type: ignore[method-assign]
+
+        def counted_wake() -> None:
+            wakes.append(None)
+            wake()
+
+        client._wake = counted_wake  # type: ignore[method-assign]
         held, holding = threading.Event(), threading.Event()
 
         def hold() -> None:  # runs on the I/O thread: it cannot take the queue meanwhile

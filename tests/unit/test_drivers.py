@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from coordinator.log import DecisionLog
 from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.log import PrepareLog
+from participant.units import SharedLog
 from participant.worker import ParticipantWorker
 from runtime.amqp import ConnectionLost
 from runtime.memory import MemoryBroker, MemoryChannel
@@ -32,7 +33,12 @@ from schemas.messages import (
     Vote,
     VoteKind,
 )
-from schemas.records import BranchPrepared, TxCommitting
+from schemas.records import (
+    BranchPrepared,
+    CoordinatorRecord,
+    ParticipantRecord,
+    TxCommitting,
+)
 from twophase import bank
 
 REPLY = topology.client_queue("test")
@@ -124,7 +130,7 @@ def system(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[System]:
 
 
 def test_a_transfer_commits_through_the_real_drivers(system: System) -> None:
-    assert (system.workers["bank-a"].shared is not None) is system.shared
+    assert isinstance(system.workers["bank-a"].unit, SharedLog) is system.shared
     system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("t1")))
     system.settle()
     assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
@@ -159,16 +165,12 @@ class AuditingChannel(MemoryChannel):
     def publish(self, routing_key: str, body: bytes, **kwargs: Any) -> None:
         for message in unwrap([decode_message(body)]):
             if isinstance(message, Commit):  # rule 2
-                log = DecisionLog(str(self.tmp / "coordinator.log.db"))
-                records = log.history([message.tx_id]).get(message.tx_id, [])
-                assert any(isinstance(r, TxCommitting) for r in records), message
+                decided = self.decisions(message.tx_id)
+                assert any(isinstance(r, TxCommitting) for r in decided), message
                 self.checked += 1
             if isinstance(message, Vote) and message.vote is VoteKind.YES:  # rule 1
-                log = PrepareLog(
-                    log_path(self.tmp, message.participant, self.shared), message.participant
-                )
-                records = log.history([message.tx_id]).get(message.tx_id, [])
-                assert any(isinstance(r, BranchPrepared) for r in records), message
+                prepared = self.branch_records(message.participant, message.tx_id)
+                assert any(isinstance(r, BranchPrepared) for r in prepared), message
                 self.checked += 1
             committed_vote = isinstance(message, Vote) and message.vote is VoteKind.COMMITTED
             if isinstance(message, Ack) or committed_vote:  # rule 6, and one phase's commit
@@ -182,11 +184,24 @@ class AuditingChannel(MemoryChannel):
                 assert state == ("committed",), message
                 self.checked += 1
             if isinstance(message, Outcome) and message.outcome is OutcomeKind.COMMITTED:
-                log = DecisionLog(str(self.tmp / "coordinator.log.db"))  # rule 7
-                records = log.history([message.tx_id]).get(message.tx_id, [])
-                assert any(isinstance(r, TxCommitting) for r in records), message
+                decided = self.decisions(message.tx_id)  # rule 7
+                assert any(isinstance(r, TxCommitting) for r in decided), message
                 self.checked += 1
         super().publish(routing_key, body, **kwargs)
+
+    def decisions(self, tx_id: str) -> list[CoordinatorRecord]:
+        log = DecisionLog(str(self.tmp / "coordinator.log.db"))
+        try:
+            return log.history([tx_id]).get(tx_id, [])
+        finally:
+            log.close()
+
+    def branch_records(self, participant: str, tx_id: str) -> list[ParticipantRecord]:
+        log = PrepareLog(log_path(self.tmp, participant, self.shared), participant)
+        try:
+            return log.history([tx_id]).get(tx_id, [])
+        finally:
+            log.close()
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own-log-db", "log-in-resource-db"])
@@ -224,6 +239,7 @@ def test_garbage_is_dead_lettered_and_the_driver_goes_on(system: System) -> None
 def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: System) -> None:
     coordinator = system.coordinator
     channel = coordinator.channel
+    assert isinstance(channel, MemoryChannel)
     real_publish = channel.publish
     calls = {"n": 0}
 
@@ -234,7 +250,7 @@ def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: Sy
             raise ConnectionLost("kicked by the test")
         real_publish(*args, **kwargs)
 
-    channel.publish = flaky_publish  # type: ignore[method-assign]
+    channel.publish = flaky_publish
     system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("kicked")))
     with pytest.raises(ConnectionLost):
         coordinator.turn()
