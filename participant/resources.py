@@ -1,4 +1,4 @@
-"""Transactional resources of a participant (ARCHITECTURE.md §4).
+"""Transactional resources of a participant (docs/architecture.md §4).
 
 This module holds the Resource protocol, ResourceError, the Branch / Finish aliases, the helpers
 both resources share and PostgresResource. ReservationResource, with its ``twophase_reservation``
@@ -105,7 +105,7 @@ def unavailable(url: str, exc: BaseException) -> ResourceUnavailable:
 
 @runtime_checkable
 class Resource(Protocol):
-    """What the participant worker drives; see the module docstring and ARCHITECTURE.md §4."""
+    """What the participant worker drives; see the module docstring and docs/architecture.md §4."""
 
     def bind(self, participant: str) -> None: ...
     def prepare(self, tx_id: str, op: OperationSpec, args: dict[str, Any]) -> None: ...

@@ -9,7 +9,7 @@ in libpq's trace (tests/integration/test_pgpipe.py): a log append is one round t
 participant's batch of prepares, or of commits, takes three (BEGIN with the first query, the
 operation's handler, the writes with the COMMIT); it took five before the explicit transactions
 below, and about thirteen before this module. (The gain in latency measured within the
-run-to-run spread, unloaded and at 500/s; see the README's figures.)
+run-to-run spread, unloaded and at 500/s; see docs/performance.md.)
 
 Explicit transactions. psycopg begins a transaction by itself, with a round trip of its own
 (in pipeline mode it syncs after the BEGIN, to learn the new status), and its commit inside a

@@ -1,4 +1,4 @@
-"""``twophase chaos``: the bank under fire (ARCHITECTURE.md §7, tests/chaos).
+"""``twophase chaos``: the bank under fire (docs/architecture.md §7, tests/chaos).
 
 Three bank participants run as separate processes: ``bank-a`` and ``bank-b`` on native
 PostgreSQL branches (one shared database, one accounts table each) and ``bank-c`` on a SQLite

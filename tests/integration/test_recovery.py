@@ -1,4 +1,4 @@
-"""Failure detection and recovery (ARCHITECTURE.md §3) with real processes, killed by PID.
+"""Failure detection and recovery (docs/architecture.md §3) with real processes, killed by PID.
 
 The coordinator and three banks run as child processes (``twophase.processes.ServiceGroup``):
 bank-a and bank-b on native PostgreSQL branches in ``pg_url``, bank-c on a SQLite reservation.

@@ -1,4 +1,4 @@
-"""The import rules of ARCHITECTURE.md §1: import-linter contracts, and a stricter AST check.
+"""The import rules of docs/architecture.md §1: import-linter contracts, and a stricter AST check.
 
 The import-linter contracts are the ones in ``pyproject.toml``. Two things keep the file from being
 run exactly as written today, so the test runs a generated copy and warns about each adaptation:
@@ -226,7 +226,7 @@ def test_cores_import_only_schemas_and_pure_stdlib(core: str) -> None:
         if not any(_is_within(module, a) for a in allowed)
     ]
     assert not bad, (
-        f"{core} must stay pure (ARCHITECTURE.md §1): it may import only {allowed}; "
+        f"{core} must stay pure (docs/architecture.md §1): it may import only {allowed}; "
         "time and ids come in as inputs. Found:\n" + "\n".join(bad)
     )
 
