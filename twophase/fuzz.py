@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pika.exceptions
 import psycopg
 from psycopg import sql
 
@@ -229,7 +231,12 @@ def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
         )
         try:
             fault_log = FaultLog()
-            _quiet_at, doubt, services_up = _wait_quiet(chaos_cfg, services, inspector, fault_log)
+            try:
+                _quiet_at, doubt, services_up = _wait_quiet(
+                    chaos_cfg, services, inspector, fault_log
+                )
+            except pika.exceptions.AMQPError as exc:  # the probe's channel lets pika's out
+                doubt, services_up = {"not quiet": [f"broker: {exc!r}"]}, False
             _wait_for_dead_letters(ledger, cfg.dead_letter_wait_s)
             result.rss_end = {n: rss_kib(p.pid) for n, p in services.processes.items()}
             result.pids_end = {n: p.pid for n, p in services.processes.items()}
@@ -252,11 +259,13 @@ def run_fuzz(cfg: FuzzConfig) -> FuzzResult:
         finally:
             inspector.close()
     finally:
-        if publisher is not None:
-            publisher.close()
-        if observer is not None:
-            observer.stop()
-        services.stop_all()
+        try:
+            if publisher is not None:
+                publisher.close()
+            if observer is not None:
+                observer.stop()
+        finally:
+            services.stop_all()
     base.total_s = result.total_s = time.monotonic() - began
     return result
 
@@ -298,7 +307,10 @@ def _flood(
         result.rss_warm = {n: rss_kib(p.pid) for n, p in services.processes.items()}
         result.pids_warm = {n: p.pid for n, p in services.processes.items()}
         result.connections_warm = service_connections(vhost_of(load.cfg.amqp_url))
-        say(f"warmed up with {publisher.stats.sent} hostile messages; RSS {result.rss_warm} KiB")
+        say(
+            f"warm-up: {publisher.stats.sent} hostile messages; RSS {result.rss_warm} KiB"
+            + (f"; a service stopped consuming: {publisher.stalled}" if publisher.stalled else "")
+        )
         began = time.monotonic()
         next_report = [began + 10]
 
@@ -353,6 +365,11 @@ def _wait_for_dead_letters(ledger: Ledger, timeout_s: float) -> None:
 def run_fuzz_command(args: argparse.Namespace) -> int:
     import os
 
+    without = frozenset(k for k in args.without.split(",") if k)
+    if without - set(KINDS) or args.messages < 1:
+        unknown = sorted(without - set(KINDS))
+        print(f"twophase fuzz: unknown kinds {unknown}, or --messages < 1", file=sys.stderr)
+        return 2
     url = config.amqp_url(args.amqp_url)
     try:
         AmqpChannel(url, connection_name="twophase-fuzz-probe", connect_attempts=8).close()
@@ -375,10 +392,6 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(f"twophase fuzz: {text}", file=sys.stderr, flush=True)
 
-    without = frozenset(k for k in args.without.split(",") if k)
-    if without - set(KINDS):
-        print(f"twophase fuzz: unknown kinds {sorted(without - set(KINDS))}", file=sys.stderr)
-        return 2
     cfg = FuzzConfig(
         without=without,
         amqp_url=amqp_url,
@@ -389,9 +402,13 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         on_progress=say,
     )
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so that the services are stopped and
+    # the vhost and database dropped, rather than left running against a deleted vhost
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         result = run_fuzz(cfg)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not args.keep:
             _roll_back_prepared(pg_url)
             _drop_database(pg_server, db_name)
@@ -403,6 +420,10 @@ def run_fuzz_command(args: argparse.Namespace) -> int:
     if args.keep:
         say(f"kept: database {db_name}, vhost {vhost}, files in {data_dir}")
     return 0 if result.ok else 1
+
+
+def _exit_on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def _roll_back_prepared(pg_url: str) -> None:
