@@ -107,7 +107,12 @@ def test_a_batch_of_publishes_leaves_in_one_send(
     transport = chan._connection._impl._transport
     sent: list[int] = []
     send = transport._sigint_safe_send
-    transport._sigint_safe_send = lambda sock, data: sent.append(len(data)) or send(sock, data)
+
+    def counted(sock: object, data: bytes) -> object:
+        sent.append(len(data))
+        return send(sock, data)
+
+    transport._sigint_safe_send = counted
     for i in range(20):
         chan.publish(queue, f"m{i}".encode())
     chan.wait_for_confirms(timeout=10)

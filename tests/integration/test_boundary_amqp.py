@@ -85,7 +85,7 @@ def test_many_rejected_messages_are_dead_lettered_with_their_reasons(amqp_url: s
             channel.publish(queue, f"bad {i}".encode())
         channel.wait_for_confirms()
         channel.consume(queue)
-        deliveries = []
+        deliveries: list[amqp.Delivery] = []
         deadline = time.monotonic() + 5
         while len(deliveries) < 20 and time.monotonic() < deadline:
             deliveries += channel.poll(0.2)

@@ -41,10 +41,11 @@ def test_a_one_phase_branch_commits_without_being_prepared(native: Bank) -> None
 
 def test_a_refused_one_phase_branch_leaves_nothing(native: Bank) -> None:
     resource = native.resource()
+    assert isinstance(resource, PostgresResource)
     with pytest.raises(Refuse, match="insufficient funds"):
         resource.commit_at_once("t2", native.debit, {"account": "bob", "amount": 1})
     assert resource.committed(["t2"]) == set()
-    refusals = resource.commit_at_once_many(  # type: ignore[attr-defined]
+    refusals = resource.commit_at_once_many(
         [
             ("t3", native.boom, {"account": "alice", "amount": 1}),
             ("t4", native.debit, {"account": "alice", "amount": 1}),
@@ -60,6 +61,7 @@ def test_a_branch_prepared_earlier_is_committed_by_its_gid(native: Bank) -> None
     resource = native.resource()
     resource.prepare("t5", native.debit, {"account": "alice", "amount": 5})
     fresh = native.resource()  # another instance: the prepared branch is found by its gid
+    assert isinstance(fresh, PostgresResource)
     fresh.commit_at_once("t5", native.debit, {"account": "alice", "amount": 5})
     assert native.balance("alice") == 95
     assert gids(native.url, f"twophase:{native.participant}") == []

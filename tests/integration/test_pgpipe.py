@@ -41,15 +41,22 @@ def table(engine: sa.Engine) -> Iterator[str]:
         conn.exec_driver_sql(f"DROP TABLE {name}")
 
 
+def pgconn(conn: sa.Connection) -> psycopg.pq.abc.PGconn:
+    """The libpq connection under a pooled SQLAlchemy connection."""
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    return driver.pgconn
+
+
 def round_trips(engine: sa.Engine, work: Callable[[], object]) -> int:
     """Round trips ``work`` makes on the engine's one pooled connection."""
     fd, path = tempfile.mkstemp()
     try:
         with engine.connect() as conn:  # the pool holds this one connection afterwards
-            conn.connection.driver_connection.pgconn.trace(fd)
+            pgconn(conn).trace(fd)
         work()
         with engine.connect() as conn:
-            conn.connection.driver_connection.pgconn.untrace()
+            pgconn(conn).untrace()
         with open(path) as trace:
             return sum("\tB\t" in line and "ReadyForQuery" in line for line in trace)
     finally:
@@ -93,7 +100,7 @@ def test_sqlalchemy_transactions_stay_atomic(engine: sa.Engine, table: str) -> N
     transaction must still open one on the server."""
     with pytest.raises(RuntimeError), engine.begin() as conn:
         conn.exec_driver_sql(f"INSERT INTO {table} VALUES (1)")
-        assert conn.connection.driver_connection.pgconn.transaction_status != IDLE
+        assert pgconn(conn).transaction_status != IDLE
         raise RuntimeError("undo")
     assert values(engine, table) == []
     with engine.connect() as conn:
@@ -116,7 +123,7 @@ def test_reads_marked_autocommit_open_no_transaction(engine: sa.Engine) -> None:
     with engine.connect() as plain:
         conn = plain.execution_options(isolation_level="AUTOCOMMIT")
         conn.exec_driver_sql("SELECT 1")
-        assert conn.connection.driver_connection.pgconn.transaction_status == IDLE
+        assert pgconn(conn).transaction_status == IDLE
 
 
 def test_a_rollback_drops_what_was_deferred(engine: sa.Engine, table: str) -> None:
@@ -188,11 +195,11 @@ def test_a_connection_that_must_not_prepare_is_not_made_to(pg_url: str) -> None:
         fd, path = tempfile.mkstemp()
         try:
             with eng.connect() as conn:
-                conn.connection.driver_connection.pgconn.trace(fd)
+                pgconn(conn).trace(fd)
                 conn.begin()
                 assert pgpipe.fetch(conn, "SELECT %s::int + 1", (1,)) == [(2,)]
                 conn.rollback()
-                conn.connection.driver_connection.pgconn.untrace()
+                pgconn(conn).untrace()
             with open(path) as trace:
                 assert ('Parse\t "_twophase_' in trace.read()) is named
         finally:

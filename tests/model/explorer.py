@@ -273,8 +273,8 @@ def _resource(
         ok = state != "aborted" and (state != "none" or key not in w.config.refuse)
         # one phase: prepare and commit in the same step, as the worker's unit does
         at_once = ok and effect.one_phase and name not in w.config.declines
-        done = pc.BranchExecuted(tx, ok, "" if ok else "refused", committed=at_once)
-        own(w, name).inbox.append(done)
+        executed = pc.BranchExecuted(tx, ok, "" if ok else "refused", committed=at_once)
+        own(w, name).inbox.append(executed)
         if at_once:
             w.resource[key] = "committed"
         else:

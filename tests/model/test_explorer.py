@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from coordinator.core import CoordinatorCore
-from participant.core import TRANSITIONS, BranchState, LookUpBranch
+from participant.core import TRANSITIONS, BranchHistory, BranchState, LookUpBranch
 from schemas.effects import Persist, Send
-from schemas.messages import Vote
+from schemas.messages import OutcomeKind, Vote
 from tests.model import explorer
 from tests.model.explorer import ALL_CHECKS, Bounds, Config
 
@@ -69,7 +69,7 @@ def test_exhaustive_two_participants_one_transaction() -> None:
     print("protocol violations reported by the cores (not failures):", sorted(notes))
 
 
-ONE = {"participants": ("p1",), "transactions": (("t1", ("p1",)),)}
+ONE: dict[str, Any] = {"participants": ("p1",), "transactions": (("t1", ("p1",)),)}
 ONE_PHASE_FAULTS = Bounds(total_crashes=2, duplicates=1, losses=1, timer_fires=2, jumps=1)
 ONE_PHASE_PROFILES: dict[str, Config] = {
     "one branch; two crashes, a duplicate, a loss, two timers, a jump": Config(
@@ -100,10 +100,10 @@ def test_exhaustive_one_phase() -> None:
         print(f"{name}: {result.states} states, {result.settled} settled")
         assert result.settled > 0
     # both answers are reached: the branch commits on some paths and aborts on others
-    world = explorer.initial_world(Config(**ONE, bounds=NO_FAULTS))  # type: ignore[arg-type]
+    world = explorer.initial_world(Config(**ONE, bounds=NO_FAULTS))
     assert explorer.settle(world) is None
     assert world.resource["p1", "t1"] == "committed"
-    assert explorer.told(world, "t1") is explorer.msg.OutcomeKind.COMMITTED
+    assert explorer.told(world, "t1") is OutcomeKind.COMMITTED
 
 
 def _walk_config(seed: int) -> Config:
@@ -224,7 +224,7 @@ def test_explorer_finds_a_coordinator_that_presumes_abort_in_one_phase(
         return self._abort(tx, reason, at_fault)
 
     monkeypatch.setattr(CoordinatorCore, "_resolve", presume)
-    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))  # type: ignore[arg-type]
+    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))
     assert result.problem is not None, "the explorer missed a presumed abort in one phase"
     print(result.report())
     assert result.problem.startswith("atomicity")
@@ -242,11 +242,11 @@ def test_explorer_finds_a_participant_that_answers_the_question_from_memory_only
         effects = look_up(core, branch, event, now_ms)
         assert effects == [LookUpBranch(branch.tx_id)]
         return TRANSITIONS[BranchState.LOOKING_UP, "BranchHistory"](
-            core, branch, explorer.pc.BranchHistory(branch.tx_id, []), now_ms
+            core, branch, BranchHistory(branch.tx_id, []), now_ms
         )
 
     monkeypatch.setitem(TRANSITIONS, key, from_memory)
-    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))  # type: ignore[arg-type]
+    result = explorer.explore(Config(**ONE, bounds=ONE_PHASE_FAULTS))
     assert result.problem is not None, "the explorer missed an answer from memory only"
     print(result.report())
     assert result.problem.startswith(("atomicity", "rule 4"))

@@ -100,7 +100,9 @@ def test_a_committed_vote_is_durable_before_the_client_hears_it_and_ends_at_once
         "Persist(ended)",
         "Forget",
     ]
-    assert effects[0].record.participants == ()  # no COMMIT, no ACK: phase two is gone
+    persist = effects[0]
+    assert isinstance(persist, Persist) and isinstance(persist.record, TxCommitting)
+    assert persist.record.participants == ()  # no COMMIT, no ACK: phase two is gone
     assert core.state_of(TX) is TxState.NONE
 
 
@@ -124,7 +126,9 @@ def test_a_missing_vote_is_asked_for_with_backoff_never_presumed() -> None:
     for k in range(3):
         again = core.handle(TimerFired(("resend", TX)), NOW + 2_000 + k)
         assert [cc.sig(e) for e in again] == ["Abort>a", "StartTimer(resend)"]
-        delays.append(again[-1].deadline_ms - (NOW + 2_000 + k))
+        timer = again[-1]
+        assert isinstance(timer, StartTimer)
+        delays.append(timer.deadline_ms - (NOW + 2_000 + k))
     assert delays == [1_000, 2_000, 4_000]
 
 

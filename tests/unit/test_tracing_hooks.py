@@ -219,7 +219,7 @@ def test_tracing_off_creates_no_span_and_parses_no_context(
 
     world = World(tmp_path, monkeypatch)
     assert world.coordinator.trace is None and not world.coordinator.observing
-    assert all(d.trace is None and not d.observing for d in world.drivers)  # type: ignore[attr-defined]
+    assert all(d.trace is None and not d.observing for d in world.drivers)
     committed, aborted = run_two_transactions(world)
     assert committed.outcome is OutcomeKind.COMMITTED
     assert aborted.outcome is OutcomeKind.ABORTED and aborted.at_fault == "bank-a"
