@@ -12,10 +12,12 @@ WORKDIR /src
 # pyproject.toml names README.md as the readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY schemas ./schemas
+COPY runtime ./runtime
 COPY coordinator ./coordinator
 COPY participant ./participant
 COPY twophase ./twophase
-RUN /opt/twophase/bin/pip install .
+# [tracing]: the OTLP exporter, for the OTEL_EXPORTER_OTLP_* variables compose sets
+RUN /opt/twophase/bin/pip install '.[tracing]'
 
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 \

@@ -123,13 +123,21 @@ def setup(
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
-        provider = TracerProvider(resource=Resource.create(attributes))
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            try:  # the OTLP exporter is the optional extra [tracing]
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError:
+                from runtime.store import ConfigurationError
+
+                raise ConfigurationError(
+                    "tracing to an OTLP endpoint needs the OTLP exporter:"
+                    " pip install 'twophase[tracing]'"
+                ) from None
 
             url = endpoint.rstrip("/") + "/v1/traces" if endpoint is not None else None
             exporter = OTLPSpanExporter(endpoint=url)
+        attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
+        provider = TracerProvider(resource=Resource.create(attributes))
         provider.add_span_processor(BatchSpanProcessor(exporter))
         _provider = provider
         _tracer = provider.get_tracer("twophase")
@@ -325,7 +333,8 @@ class SpanRecord:
 
 
 def spans_from_otlp(body: bytes) -> list[SpanRecord]:
-    """Decode an OTLP/HTTP protobuf ``ExportTraceServiceRequest`` body."""
+    """Decode an OTLP/HTTP protobuf ``ExportTraceServiceRequest`` body (needs opentelemetry-proto,
+    of the extra ``[tracing]``)."""
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )

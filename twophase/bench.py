@@ -326,7 +326,7 @@ def run_bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401 - fail before minutes of measuring, not after
         except ImportError:
             raise ConfigurationError(
-                "--plot needs matplotlib: pip install 'twophase[bench]'"
+                "--plot needs matplotlib: pip install 'twophase[plot]'"
             ) from None
     workdir = Path(tempfile.mkdtemp(prefix="twophase-bench-"))
     db_name = f"twophase_bench_{uuid.uuid4().hex[:8]}"

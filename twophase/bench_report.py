@@ -65,7 +65,7 @@ def plot_sweep(points: list[dict[str, Any]], path: str) -> None:
     except ImportError:
         from runtime.store import ConfigurationError
 
-        raise ConfigurationError("--plot needs matplotlib: pip install 'twophase[bench]'") from None
+        raise ConfigurationError("--plot needs matplotlib: pip install 'twophase[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,6 +16,7 @@ import ast
 import json
 import re
 import shlex
+import tomllib
 import uuid
 from collections.abc import Iterator
 from functools import cache
@@ -36,6 +37,13 @@ DEFINITIONS_FILE = COMPOSE_DIR / "rabbitmq" / "definitions.json"
 RABBITMQ_CONF = COMPOSE_DIR / "rabbitmq" / "rabbitmq.conf"
 INIT_SQL = COMPOSE_DIR / "postgres" / "init.sql"
 SOURCE_PACKAGES = ("twophase", "runtime", "coordinator", "participant")
+#: the packages the wheel holds, as pyproject.toml lists them: the image needs every one
+PACKAGES = tuple(
+    name.rstrip("*")
+    for name in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+)
 
 #: TWOPHASE_* variables the compose file sets before the code reads them: planned by the
 #: observability work (metrics endpoint, structured logs). Remove a name once the code reads it;
@@ -202,14 +210,17 @@ def test_dockerfile() -> None:
     ]
     froms = [line.split()[1] for line in instructions if line.upper().startswith("FROM ")]
     assert froms and all(image == "python:3.11-slim" for image in froms)
-    assert any(re.search(r"pip install \.$", line) for line in instructions)
+    assert any(re.search(r"pip install '\.\[tracing\]'$", line) for line in instructions)
     assert instructions.count('ENTRYPOINT ["twophase"]') == 1
     users_set = [line.split()[1] for line in instructions if line.upper().startswith("USER ")]
     assert users_set and users_set[-1].split(":")[0] not in ("root", "0"), "must run as non-root"
+    copied = set()
     for line in instructions:  # everything COPY'd from the context exists
         if line.upper().startswith("COPY ") and "--from=" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+                copied.add(source)
+    assert set(PACKAGES) <= copied, f"the image lacks {set(PACKAGES) - copied}"
 
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:
@@ -218,7 +229,7 @@ def test_dockerignore_keeps_what_the_build_needs() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    needed = {"pyproject.toml", "README.md", "schemas", "coordinator", "participant", "twophase"}
+    needed = {"pyproject.toml", "README.md", *PACKAGES}
     assert not ignored & needed
     assert {".git", "tests"} <= ignored
 

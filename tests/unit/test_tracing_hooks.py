@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from participant.worker import Participant
 from runtime import tracing
 from runtime.amqp import Delivery
 from runtime.driver import BatchDriver
+from runtime.store import ConfigurationError
 from schemas.messages import Branch, OutcomeKind
 from twophase import bank
 
@@ -390,6 +392,16 @@ def test_clients_share_the_provider_they_set_up_and_the_last_one_shuts_it_down(
     tracing.release()
     assert tracing.ENABLED
     tracing.release()
+    assert not tracing.ENABLED
+
+
+def test_an_otlp_endpoint_without_the_tracing_extra_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, no_otel_env: None
+) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ConfigurationError, match=r"pip install 'twophase\[tracing\]'"):
+        tracing.setup_from_env("service")
     assert not tracing.ENABLED
 
 
