@@ -185,7 +185,12 @@ def fuzz_checks(
         for name, opened in result.connections_end.items()
         if opened > result.connections_warm.get(name, 0)
     )
-    missing = sorted(set(result.connections_warm) - set(result.connections_end))
+    # each service's own connection must be there at both moments (heartbeats have their own)
+    required = {f"twophase-{name}" for name in result.pids_warm}
+    expected = set(result.connections_warm) | required
+    missing = sorted(
+        (required - set(result.connections_warm)) | (expected - set(result.connections_end))
+    )
     checks.append(
         Check(
             "no_reconnects",
