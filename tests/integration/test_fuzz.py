@@ -35,7 +35,7 @@ def _dead_letters(amqp_url: str) -> list[tuple[bytes, dict[str, object]]]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
-        found = []
+        found: list[tuple[bytes, dict[str, object]]] = []
         while True:
             method, props, body = channel.basic_get(topology.DEAD_LETTER_QUEUE, auto_ack=True)
             if method is None:
