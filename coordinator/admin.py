@@ -20,6 +20,7 @@ import getpass
 from dataclasses import dataclass
 
 from coordinator.log import DecisionLog
+from runtime.errors import CoordinatorRunning, HeuristicHazard, UnknownTransaction
 from schemas.records import (
     CoordinatorRecord,
     Decision,
@@ -29,18 +30,6 @@ from schemas.records import (
     TxCommitting,
     TxEnded,
 )
-
-
-class HeuristicHazard(Exception):
-    """The requested resolution contradicts a logged decision; nothing was changed."""
-
-
-class CoordinatorRunning(Exception):
-    pass
-
-
-class UnknownTransaction(Exception):
-    """The log has no record of the ``tx_id``; nothing was changed (``force`` overrides)."""
 
 
 @dataclass(frozen=True)

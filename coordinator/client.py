@@ -37,8 +37,9 @@ from types import TracebackType
 from typing import Any
 
 from runtime import config, outages, tracing
-from runtime.amqp import AmqpChannel, ConnectionLost
+from runtime.amqp import AmqpChannel
 from runtime.driver import now_ms
+from runtime.errors import ClientClosed, ConnectionLost, LimitExceeded, OutcomeUnknown
 from runtime.redaction import redact_url
 from schemas import topology
 from schemas.codec import DecodeError, decode_message, encode
@@ -63,7 +64,6 @@ from schemas.validation import (
 
 log = logging.getLogger("twophase.client")
 
-DEFAULT_AMQP_URL = config.DEFAULT_AMQP_URL
 FINAL = (OutcomeKind.COMMITTED, OutcomeKind.ABORTED)
 #: how often the I/O thread looks for Begins to re-send (they are re-sent seconds apart)
 SCAN_EVERY_MS = 100
@@ -72,24 +72,12 @@ __all__ = [
     "AsyncClient",
     "Branch",
     "Client",
+    "ClientClosed",
     "LimitExceeded",
     "Outcome",
     "OutcomeKind",
     "OutcomeUnknown",
 ]
-
-
-class OutcomeUnknown(TimeoutError):
-    """No outcome arrived in time. The transaction may still finish: ask ``status(tx_id)``."""
-
-    def __init__(self, tx_id: str, waited_s: float) -> None:
-        super().__init__(f"no outcome for transaction {tx_id} after {waited_s:.1f} s")
-        self.tx_id = tx_id
-
-
-class LimitExceeded(ValueError):
-    """The coordinator would refuse this transaction or query (dead-letter it unanswered), so it
-    was not sent; the message says which limit. See :class:`schemas.validation.Limits`."""
 
 
 #: what waits to be published: (queue, message, traceparent)
@@ -259,7 +247,7 @@ class Client:
 
     def _send(self, queue: str, message: Protocol, traceparent: str = "") -> None:
         if self._closing.is_set():
-            raise RuntimeError("the client is closed")
+            raise ClientClosed("the client is closed")
         with self._lock:
             # Messages already waiting mean a wake-up is on its way (each waiting message woke
             # the loop, or the loop queued it itself and sends it this turn): this one rides along.
@@ -301,7 +289,7 @@ class Client:
         finally:
             self._channel = None
             channel.close()
-            self._fail_all(RuntimeError("the client was closed"))
+            self._fail_all(ClientClosed("the client was closed"))
 
     def _reconnect(self, channel: AmqpChannel, lost: BaseException) -> bool:
         """Wait for the broker with the shared back-off (each failed attempt is logged at DEBUG);

@@ -21,9 +21,9 @@ from coordinator.log import DecisionLog
 from runtime import logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.driver import BatchDriver, now_ms
+from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
 from runtime.redaction import redact_url
-from runtime.store import ConfigurationError
 from runtime.tracing_spans import CoordinatorTrace
 from schemas import topology
 from schemas.effects import Send

@@ -16,7 +16,7 @@ _EXPORTS = {
     "PostgresResource": "participant.resources",
     "ReservationResource": "participant.reservation",
     "Resource": "participant.resources",
-    "ResourceError": "participant.resources",
+    "ResourceError": "runtime.errors",
 }
 
 __all__ = sorted(_EXPORTS)

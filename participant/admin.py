@@ -15,6 +15,7 @@ from typing import Literal
 
 from participant.log import PrepareLog
 from participant.worker import Participant
+from runtime.errors import HeuristicHazard
 from schemas.records import (
     BranchCompleted,
     BranchPrepared,
@@ -26,10 +27,6 @@ from schemas.records import (
 #: what the coordinator's log says: a decision, None for "no decision (presumed abort)", or
 #: "unknown" when its log could not be read
 CoordinatorView = Decision | None | Literal["unknown"]
-
-
-class HeuristicHazard(Exception):
-    pass
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import re
 
 import sqlalchemy as sa
 
+from runtime.errors import LogMissing
 from runtime.journal import Journal
-from runtime.store import LogMissing, LogRow, RecordLog
+from runtime.store import LogRow, RecordLog
 from schemas.codec import decode_participant_record
 from schemas.records import (
     PARTICIPANT_FINISHED_KINDS,

@@ -1,10 +1,10 @@
 """ReservationResource: a participant's branches as reservation rows in any SQLAlchemy database.
 
-The Resource protocol, ResourceError, the Branch / Finish aliases, the shared helpers and
-PostgresResource live in :mod:`participant.resources`, which re-exports ReservationResource (import
-it from there); its module docstring lists the choices both resources make. This module holds
-ReservationResource, its ``twophase_reservation`` table and its helpers. The shared helpers are
-called through the module (``resources._refusal``), looked up at each call as before the split.
+The Resource protocol, the Branch / Finish aliases, the shared helpers and PostgresResource live
+in :mod:`participant.resources`; its module docstring lists the choices both resources make, and
+:mod:`runtime.errors` holds their errors. This module holds ReservationResource, its
+``twophase_reservation`` table and its helpers. The shared helpers are called through the module
+(``resources._refusal``), looked up at each call as before the split.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import sqlalchemy as sa
 
 from participant import resources
 from participant.operations import OperationSpec, Refuse
-from participant.resources import Branch, Finish, ResourceError
+from participant.resources import Branch, Finish
 from runtime import pgpipe
+from runtime.errors import ConfigurationError, ResourceError
 from runtime.redaction import redact_url
 from runtime.store import (
     AnalyzeSchedule,
-    ConfigurationError,
     analyze_in_background,
     database_url,
     in_ids,

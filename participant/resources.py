@@ -1,8 +1,10 @@
 """Transactional resources of a participant (docs/architecture.md §4).
 
-This module holds the Resource protocol, ResourceError, the Branch / Finish aliases, the helpers
-both resources share and PostgresResource. ReservationResource, with its ``twophase_reservation``
-table, lives in :mod:`participant.reservation`, which builds on this module.
+This module holds the Resource protocol, the Branch / Finish aliases, the helpers both resources
+share and PostgresResource; their errors, :class:`~runtime.errors.ResourceError` and
+:class:`~runtime.errors.ResourceUnavailable`, are in :mod:`runtime.errors`. ReservationResource,
+with its ``twophase_reservation`` table, lives in :mod:`participant.reservation`, which builds on
+this module.
 
 Driven serially from one thread by the participant worker; every method is idempotent and works
 from a new instance after a restart. Choices:
@@ -45,7 +47,8 @@ from psycopg.pq import TransactionStatus
 
 from participant.operations import OperationSpec, Refuse
 from runtime import outages, store
-from runtime.redaction import redact_url as redact_url  # re-exported: tests import it here
+from runtime.errors import ResourceError, ResourceUnavailable
+from runtime.redaction import redact_url
 
 #: PostgreSQL's GIDSIZE is 200 bytes including the terminating NUL.
 GID_MAX_BYTES = 199
@@ -58,15 +61,6 @@ _Conn = psycopg.Connection[tuple[Any, ...]]
 Branch = tuple[str, OperationSpec, dict[str, Any]]
 #: (tx_id, operation or None, args, commit?) of one branch to finish
 Finish = tuple[str, OperationSpec | None, dict[str, Any], bool]
-
-
-class ResourceError(Exception):
-    """The resource is misconfigured or hit a heuristic outcome; the message says what to fix."""
-
-
-class ResourceUnavailable(ConnectionError):
-    """The resource's database did not answer: an outage (see :mod:`runtime.outages`), not a
-    NO vote. The worker waits for the database and redoes the batch."""
 
 
 #: admin_shutdown, crash_shutdown, cannot_connect_now: the server going away or not back yet

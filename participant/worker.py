@@ -48,6 +48,7 @@ from runtime import config, logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.crashpoints import crashpoint
 from runtime.driver import BatchDriver
+from runtime.errors import UnknownOperation
 from runtime.heartbeat import HeartbeatSender
 from runtime.metrics import MetricsServer, ParticipantMetrics
 from runtime.tracing_spans import ParticipantTrace
@@ -485,7 +486,9 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
     def _spec(self, operation: str) -> OperationSpec:
         spec = self.app.registry.get(operation)
         if spec is None:  # prepared by an older version of this service that had the operation
-            raise RuntimeError(f"{self.app.name}: operation {operation!r} is no longer registered")
+            raise UnknownOperation(
+                f"{self.app.name}: operation {operation!r} is no longer registered"
+            )
         return spec
 
     def orphans(self, now: int) -> list[tuple[str, float]]:

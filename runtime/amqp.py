@@ -22,6 +22,7 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
+from runtime.errors import BrokerUnavailable, ConnectionLost, PublishError, PublishRefused
 from runtime.redaction import redact_url
 from schemas.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -34,11 +35,9 @@ from schemas.topology import (
 
 __all__ = [
     "AmqpChannel",
+    # exported only until twophase/fuzz.py imports it from runtime.errors, where it is defined
     "BrokerUnavailable",
-    "ConnectionLost",
     "Delivery",
-    "PublishError",
-    "PublishRefused",
 ]
 
 log = logging.getLogger("twophase.amqp")
@@ -52,30 +51,6 @@ BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
 _SETUP_TIMEOUT_SECONDS = 30.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
 _SHORTSTR_MAX = 255  # bytes of an AMQP short string: routing keys, queue names
-
-
-class BrokerUnavailable(Exception):
-    """The broker could not be reached (after all connection attempts)."""
-
-
-class ConnectionLost(Exception):
-    """The connection or channel died; call :meth:`AmqpChannel.reconnect`."""
-
-
-class PublishRefused(ValueError):
-    """This one publish cannot be sent (say, a routing key longer than AMQP allows); the
-    connection is fine."""
-
-
-class PublishError(Exception):
-    """Some publishes were nacked by the broker or returned as unroutable."""
-
-    def __init__(self, routing_keys: Sequence[str]) -> None:
-        self.routing_keys = list(routing_keys)
-        super().__init__(
-            f"{len(self.routing_keys)} publish(es) nacked or unroutable: "
-            + ", ".join(sorted(set(self.routing_keys)))
-        )
 
 
 @dataclass(frozen=True)

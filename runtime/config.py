@@ -35,8 +35,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from runtime.errors import ConfigurationError
 from runtime.redaction import redact_url
-from runtime.store import ConfigurationError
 from schemas import topology
 from schemas.validation import DEFAULT_LIMITS, TX_ID_HARD_MAX, Limits
 

@@ -33,8 +33,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from runtime import logs, outages, selfstats
-from runtime.amqp import AmqpChannel, ConnectionLost, Delivery, PublishError, PublishRefused
+from runtime.amqp import AmqpChannel, Delivery
 from runtime.crashpoints import crashpoint
+from runtime.errors import ConnectionLost, PublishError, PublishRefused
 from runtime.journal import Journal
 from schemas.codec import DecodeError, decode_message, encode
 from schemas.effects import (

@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 import msgspec
 import sqlalchemy as sa
 
+from runtime.redaction import redact_url
 from runtime.store import LogRow, RecordLog, check_connection, make_engine, open_existing
 from schemas.codec import encode, record_kind
 
@@ -19,7 +20,7 @@ class Journal(Generic[R]):
         self, url: str, table: str, decode: Callable[[bytes], R], *, must_exist: bool = False
     ) -> None:
         """Open the log at ``url``, creating it unless ``must_exist`` (then a missing log raises
-        :class:`~runtime.store.LogMissing`: operators read logs, services write them)."""
+        :class:`~runtime.errors.LogMissing`: operators read logs, services write them)."""
         if must_exist:
             engine = open_existing(url, table)
         else:
@@ -60,7 +61,7 @@ class Journal(Generic[R]):
         url = self.log.engine.url
         if url.get_backend_name() == "sqlite" and url.database:
             return url.database
-        return url.render_as_string(hide_password=True)
+        return redact_url(url.render_as_string(hide_password=False))
 
     @property
     def flushes(self) -> int:

@@ -17,7 +17,7 @@ import time
 from typing import Any, TextIO
 
 from runtime import tracing
-from runtime.store import ConfigurationError
+from runtime.errors import ConfigurationError
 
 FORMATS = ("kv", "json")
 

@@ -14,7 +14,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from runtime.amqp import ConnectionLost, Delivery, PublishError
+from runtime.amqp import Delivery
+from runtime.errors import ConnectionLost, PublishError
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.store import ConfigurationError
+from runtime.errors import ConfigurationError
 from schemas.effects import Forget, Persist, Send
 from schemas.messages import Commit, Vote
 from schemas.records import (

@@ -24,7 +24,7 @@ import sqlalchemy.exc
 import tenacity
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
-from runtime.amqp import BrokerUnavailable, ConnectionLost
+from runtime.errors import BrokerUnavailable, ConnectionLost
 from runtime.redaction import redact_url
 
 log = logging.getLogger("twophase.outages")

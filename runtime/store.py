@@ -43,12 +43,12 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
 from runtime import outages, pgpipe
+from runtime.errors import ConfigurationError, LogMissing
 from runtime.redaction import redact_url
 
 log = logging.getLogger("twophase.store")
 
 __all__ = [
-    "ConfigurationError",
     "LogRow",
     "RecordLog",
     "check_connection",
@@ -131,10 +131,6 @@ def commit(conn: sa.Connection) -> None:
         pgpipe.commit(conn)
     else:
         conn.commit()
-
-
-class ConfigurationError(Exception):
-    """A setting is wrong; the message is one line that says what to fix."""
 
 
 def database_url(value: str) -> str:
@@ -243,10 +239,6 @@ def check_connection(engine: Engine) -> None:
         raise ConfigurationError(
             f"cannot connect to database {_redacted(engine.url)}: {_first_line(exc)}"
         ) from exc
-
-
-class LogMissing(ConfigurationError):
-    """The log asked for does not exist (see :func:`open_existing`)."""
 
 
 def open_existing(url: str, table: str) -> Engine:

@@ -127,7 +127,7 @@ def setup(
             try:  # the OTLP exporter is the optional extra [tracing]
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
             except ImportError:
-                from runtime.store import ConfigurationError
+                from runtime.errors import ConfigurationError
 
                 raise ConfigurationError(
                     "tracing to an OTLP endpoint needs the OTLP exporter:"

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from schemas.errors import ProtocolError
 from schemas.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 from schemas.records import (
     COORDINATOR_RECORD_TYPES,
@@ -24,7 +25,7 @@ from schemas.records import (
 _T = TypeVar("_T")
 
 
-class DecodeError(Exception):
+class DecodeError(ProtocolError):
     """Bytes that are not a valid message; keeps the raw bytes and the cause."""
 
     def __init__(self, raw: bytes, cause: str) -> None:

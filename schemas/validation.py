@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from schemas import topology
+from schemas.errors import ProtocolError
 from schemas.messages import (
     Abort,
     Ack,
@@ -49,7 +50,7 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 _args_encoder = msgspec.json.Encoder()
 
 
-class InvalidMessage(ValueError):
+class InvalidMessage(ProtocolError, ValueError):
     """A message outside the limits or the alphabet of ids and names; says which and why."""
 
 

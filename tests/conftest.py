@@ -30,7 +30,8 @@ def _unavailable(what: str) -> None:
 
 
 def _broker_up() -> bool:
-    from runtime.amqp import AmqpChannel, BrokerUnavailable
+    from runtime.amqp import AmqpChannel
+    from runtime.errors import BrokerUnavailable
 
     try:
         AmqpChannel(AMQP_URL, connection_name="twophase-test-probe").close()

@@ -14,6 +14,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from runtime import config
+from runtime.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    CoordinatorRunning,
+    HeuristicHazard,
+    UnknownTransaction,
+)
 from schemas import topology
 from schemas.codec import encode, record_kind
 from schemas.records import Decision
@@ -135,7 +142,7 @@ def _service_running(args: argparse.Namespace, queue: str, service: str) -> bool
     """Whether a service consumes ``queue``; raises :class:`_CannotTell` when the broker cannot
     be asked. That is a refusal, not a go-ahead: resolving beside a running service that decides
     the same transaction can log both outcomes."""
-    from runtime.amqp import AmqpChannel, BrokerUnavailable
+    from runtime.amqp import AmqpChannel
 
     url = config.amqp_url(args.amqp_url)
     hint = "; point --amqp-url (or TWOPHASE_AMQP_URL) at the broker the service uses"
@@ -161,12 +168,7 @@ def _resolve(args: argparse.Namespace) -> int:
         return _refuse("--reason is required: say why, it is recorded in the log")
     if args.participant:
         return _resolve_branch(args, decision)
-    from coordinator.admin import (
-        CoordinatorRunning,
-        HeuristicHazard,
-        UnknownTransaction,
-        resolve,
-    )
+    from coordinator.admin import resolve
     from coordinator.log import DecisionLog
 
     try:
@@ -196,7 +198,7 @@ def _resolve(args: argparse.Namespace) -> int:
 
 
 def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
-    from participant.admin import HeuristicHazard, resolve_branch
+    from participant.admin import resolve_branch
     from twophase.apps import load_app
 
     if not args.app:
@@ -231,7 +233,6 @@ def _resolve_branch(args: argparse.Namespace, decision: Decision) -> int:
 def _coordinator_view(args: argparse.Namespace) -> CoordinatorView:
     from coordinator.admin import logged_decision
     from coordinator.log import DecisionLog
-    from runtime.store import ConfigurationError
     from schemas.records import TxCommitting
 
     # Not config.log_url: TWOPHASE_LOG_URL names this participant's own log in its environment.

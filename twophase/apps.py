@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from runtime.store import ConfigurationError
+from runtime.errors import ConfigurationError
 
 
 def load_app(spec: str) -> Any:

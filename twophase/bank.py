@@ -21,7 +21,8 @@ from participant.operations import Refuse
 from participant.reservation import ReservationResource
 from participant.resources import PostgresResource
 from participant.worker import Participant
-from runtime.store import ConfigurationError, database_url
+from runtime.errors import ConfigurationError
+from runtime.store import database_url
 
 RESOURCE_KINDS = ("reservation", "postgres")
 

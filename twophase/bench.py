@@ -27,7 +27,8 @@ from typing import Any
 
 from coordinator.client import Client
 from runtime import config, selfstats
-from runtime.store import ConfigurationError, database_url
+from runtime.errors import ConfigurationError
+from runtime.store import database_url
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank, bench_machine

@@ -63,7 +63,7 @@ def plot_sweep(points: list[dict[str, Any]], path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        from runtime.store import ConfigurationError
+        from runtime.errors import ConfigurationError
 
         raise ConfigurationError("--plot needs matplotlib: pip install 'twophase[plot]'") from None
 

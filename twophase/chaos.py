@@ -52,7 +52,8 @@ import psycopg
 
 from coordinator.client import Client
 from runtime import config
-from runtime.amqp import AmqpChannel, BrokerUnavailable, ConnectionLost
+from runtime.amqp import AmqpChannel
+from runtime.errors import BrokerUnavailable, ConnectionLost
 from runtime.redaction import redact_url
 from schemas import topology
 from schemas.messages import Outcome, OutcomeKind

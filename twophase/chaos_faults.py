@@ -29,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 from runtime.crashpoints import ENV as CRASHPOINTS_ENV
 from runtime.crashpoints import NAMES as CRASHPOINT_NAMES
+from runtime.errors import TwophaseError
 from twophase.processes import ServiceGroup
 
 #: the exit status of a process that reached an armed crash point (see runtime.crashpoints)
@@ -37,8 +38,8 @@ CRASH_EXIT_STATUS = 86
 _CONNECTION_NAME = re.compile(r'\{"connection_name","([^"]*)"\}')
 
 
-class BrokerError(RuntimeError):
-    pass
+class BrokerError(TwophaseError, RuntimeError):
+    """The RabbitMQ node under test could not be stopped, started or asked."""
 
 
 def vhost_of(amqp_url: str) -> str:

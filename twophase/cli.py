@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from runtime import config, logs, outages, store
+from runtime.errors import BrokerUnavailable, ConfigurationError, ResourceError
 from runtime.redaction import redact_url
-from runtime.store import ConfigurationError
 from twophase import admin_cli
 from twophase.apps import load_app
 
@@ -123,8 +123,6 @@ def checked(dependency: outages.Dependency) -> outages.Dependency:
 
 def start_problem(exc: BaseException) -> str | None:
     """Why ``exc``, met at start-up, means a setting cannot work; None for an outage."""
-    from participant.resources import ResourceError
-
     problem = store.configuration_problem(exc) or _broker_problem(exc)
     if problem is not None:
         return problem
@@ -312,9 +310,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    from participant.resources import ResourceError
-    from runtime.amqp import BrokerUnavailable
-
     return isinstance(exc, ConfigurationError | BrokerUnavailable | ResourceError)
 
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from coordinator.client import Client
 from runtime import config
-from runtime.amqp import AmqpChannel, BrokerUnavailable
+from runtime.amqp import AmqpChannel
+from runtime.errors import BrokerUnavailable
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank

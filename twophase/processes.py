@@ -12,10 +12,11 @@ from pathlib import Path
 from types import TracebackType
 
 from runtime.amqp import AmqpChannel
+from runtime.errors import TwophaseError
 
 
-class ServiceError(RuntimeError):
-    pass
+class ServiceError(TwophaseError, RuntimeError):
+    """A service of the group exited before it consumed, or did not consume in time."""
 
 
 class ServiceGroup:

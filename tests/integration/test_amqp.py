@@ -13,13 +13,8 @@ import pika
 import pika.exceptions
 import pytest
 
-from runtime.amqp import (
-    AmqpChannel,
-    BrokerUnavailable,
-    ConnectionLost,
-    Delivery,
-    PublishError,
-)
+from runtime.amqp import AmqpChannel, Delivery
+from runtime.errors import BrokerUnavailable, ConnectionLost, PublishError
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
 
 pytestmark = pytest.mark.integration

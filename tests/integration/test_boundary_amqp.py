@@ -10,7 +10,8 @@ import pika
 import pytest
 
 from runtime import amqp
-from runtime.amqp import AmqpChannel, PublishRefused
+from runtime.amqp import AmqpChannel
+from runtime.errors import PublishRefused
 from schemas import topology
 from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
 

@@ -30,7 +30,8 @@ import psycopg
 import pytest
 
 from coordinator.client import Client, OutcomeUnknown
-from runtime.amqp import AmqpChannel, BrokerUnavailable
+from runtime.amqp import AmqpChannel
+from runtime.errors import BrokerUnavailable
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank

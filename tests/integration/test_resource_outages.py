@@ -14,8 +14,9 @@ import sqlalchemy as sa
 
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
-from participant.resources import PostgresResource, ResourceUnavailable
+from participant.resources import PostgresResource
 from runtime import outages
+from runtime.errors import ResourceUnavailable
 
 pytestmark = pytest.mark.integration
 

@@ -21,14 +21,10 @@ from psycopg import sql
 
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
-from participant.resources import (
-    PostgresResource,
-    Resource,
-    ResourceError,
-    check_max_prepared_transactions,
-    redact_url,
-)
+from participant.resources import PostgresResource, Resource, check_max_prepared_transactions
 from runtime import pgpipe, store
+from runtime.errors import ResourceError
+from runtime.redaction import redact_url
 
 pytestmark = pytest.mark.integration
 

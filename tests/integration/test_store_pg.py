@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from runtime.store import ConfigurationError, LogRow, RecordLog, check_connection, make_engine
+from runtime.errors import ConfigurationError
+from runtime.store import LogRow, RecordLog, check_connection, make_engine
 
 pytestmark = pytest.mark.integration
 

@@ -23,6 +23,7 @@ from coordinator.log import DecisionLog
 from participant import admin as participant_admin
 from participant.log import PrepareLog
 from participant.worker import Participant
+from runtime.errors import CoordinatorRunning, HeuristicHazard
 from runtime.store import database_url
 from schemas.messages import Branch
 from schemas.records import (
@@ -365,7 +366,7 @@ def test_resolve_is_refused_while_the_coordinator_runs_and_without_a_reason(
     decision_log: DecisionLog, data_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = records_of(decision_log, "tx-undecided")
-    with pytest.raises(coordinator_admin.CoordinatorRunning):
+    with pytest.raises(CoordinatorRunning):
         coordinator_admin.resolve(
             decision_log, "tx-undecided", Decision.ABORT, "stuck", coordinator_running=True
         )
@@ -679,7 +680,7 @@ def test_resolve_branch_directly(prepared: PreparedBank) -> None:
     app = prepared.app()
     with pytest.raises(ValueError, match="--reason is required"):
         participant_admin.resolve_branch(app, "tx-p", Decision.COMMIT, "", coordinator=None)
-    with pytest.raises(participant_admin.HeuristicHazard):
+    with pytest.raises(HeuristicHazard):
         participant_admin.resolve_branch(
             app, "tx-p", Decision.COMMIT, "sure", coordinator=Decision.ABORT, operator="bob"
         )

@@ -187,7 +187,7 @@ def test_a_missing_postgresql_table_is_an_error_and_is_not_created(
 
 
 def test_services_still_create_their_logs(tmp_path: Path) -> None:
-    from runtime.store import LogMissing
+    from runtime.errors import LogMissing
 
     url = str(tmp_path / "new" / "coordinator.log.db")
     with pytest.raises(LogMissing):

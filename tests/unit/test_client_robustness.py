@@ -25,8 +25,9 @@ from coordinator.client import (
     OutcomeKind,
     OutcomeUnknown,
 )
-from runtime import outages
-from runtime.amqp import BrokerUnavailable, ConnectionLost, Delivery
+from runtime import config, outages
+from runtime.amqp import Delivery
+from runtime.errors import BrokerUnavailable, ConnectionLost
 from schemas.codec import decode_message, encode
 from schemas.messages import Begin, Envelope, Outcome, StatusQuery
 from schemas.topology import COORDINATOR_QUEUE
@@ -310,8 +311,8 @@ def test_client_without_url_reads_the_environment(
         assert client.amqp_url == "amqp://u:p@from-env:5672/v"
     monkeypatch.delenv("TWOPHASE_AMQP_URL")
     with Client() as client:
-        assert client.amqp_url == client_module.DEFAULT_AMQP_URL
+        assert client.amqp_url == config.DEFAULT_AMQP_URL
     assert [c.url for c in channels] == [
         "amqp://u:p@from-env:5672/v",
-        client_module.DEFAULT_AMQP_URL,
+        config.DEFAULT_AMQP_URL,
     ]

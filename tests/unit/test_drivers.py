@@ -16,7 +16,7 @@ from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.log import PrepareLog
 from participant.units import SharedLog
 from participant.worker import ParticipantWorker
-from runtime.amqp import ConnectionLost
+from runtime.errors import ConnectionLost
 from runtime.memory import MemoryBroker, MemoryChannel
 from schemas import topology
 from schemas.codec import decode_message, encode

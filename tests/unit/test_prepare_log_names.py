@@ -78,7 +78,7 @@ def test_operators_read_a_log_of_the_older_naming_before_the_service_upgraded(
 
 
 def test_operators_still_get_an_error_for_a_missing_log(tmp_path: Path) -> None:
-    from runtime.store import LogMissing
+    from runtime.errors import LogMissing
 
     with pytest.raises(LogMissing):
         PrepareLog(str(tmp_path / "nowhere.db"), "bank-a", must_exist=True)

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
-from participant.resources import Resource, ResourceError
+from participant.resources import Resource
+from runtime.errors import ResourceError
 
 ACCOUNTS = "CREATE TABLE accounts (id TEXT PRIMARY KEY, balance BIGINT NOT NULL)"
 HOLDS = "CREATE TABLE holds (hold TEXT PRIMARY KEY, account TEXT NOT NULL, amount BIGINT NOT NULL)"

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from runtime.store import (
-    ConfigurationError,
-    LogRow,
-    RecordLog,
-    check_connection,
-    database_url,
-    make_engine,
-)
+from runtime.errors import ConfigurationError
+from runtime.store import LogRow, RecordLog, check_connection, database_url, make_engine
 
 FINISHED = ("END", "ABORT")
 

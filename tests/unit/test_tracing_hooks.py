@@ -28,7 +28,7 @@ from participant.worker import Participant
 from runtime import tracing
 from runtime.amqp import Delivery
 from runtime.driver import BatchDriver
-from runtime.store import ConfigurationError
+from runtime.errors import ConfigurationError
 from schemas.messages import Branch, OutcomeKind
 from twophase import bank
 
