@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import signal
 import sys
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from coordinator.client import Client
 from runtime import config
 from runtime.amqp import AmqpChannel, BrokerUnavailable
 from runtime.driver import now_ms
+from runtime.redaction import redact_url
 from schemas import topology
 from schemas.validation import COORDINATOR_ACCEPTS, PARTICIPANT_ACCEPTS
 from twophase import bank
@@ -110,17 +113,25 @@ class FuzzConfig:
 
 
 class _FuzzInspector(Inspector):
-    """The chaos inspector, blind to the aborts of hostile transactions (they were refused, and
-    the fuzz checks count their rows); a hostile COMMIT stays in sight and fails the checks."""
+    """The chaos inspector, blind to the coordinator's decisions on hostile transactions.
+
+    Those are not "transactions nobody submitted": hostile senders submitted them, and may vote
+    in them too, since votes carry no proof of their sender (a well-formed Begin and a forged
+    COMMITTED vote that share a tx_id make the coordinator commit what the participant refused).
+    Money they might move is still seen: by the balances and by commits at the banks of tx_ids
+    no real transfer has. The hostile commits are counted (``hostile_commits``)."""
 
     def __init__(self, real: set[str], *args: Any) -> None:
         super().__init__(*args)
         self.real = real
+        self.hostile_commits: list[str] = []
 
     def decisions(self) -> tuple[dict[str, str], list[str]]:
         decided, both = super().decisions()
-        kept = {t: d for t, d in decided.items() if t in self.real or d == "commit"}
-        return kept, both
+        self.hostile_commits = sorted(
+            t for t, d in decided.items() if t not in self.real and d == "commit"
+        )
+        return {t: d for t, d in decided.items() if t in self.real}, both
 
 
 def _targets(client_queue: str) -> list[Target]:
@@ -363,63 +374,73 @@ def _wait_for_dead_letters(ledger: Ledger, timeout_s: float) -> None:
 
 
 def run_fuzz_command(args: argparse.Namespace) -> int:
-    import os
-
-    without = frozenset(k for k in args.without.split(",") if k)
-    if without - set(KINDS) or args.messages < 1:
-        unknown = sorted(without - set(KINDS))
-        print(f"twophase fuzz: unknown kinds {unknown}, or --messages < 1", file=sys.stderr)
-        return 2
-    url = config.amqp_url(args.amqp_url)
-    try:
-        AmqpChannel(url, connection_name="twophase-fuzz-probe", connect_attempts=8).close()
-    except BrokerUnavailable as exc:
-        print(f"twophase fuzz: {exc}", file=sys.stderr)
-        return 2
-    if not Broker.available():
-        print("twophase fuzz: needs rabbitmqctl on the PATH (for a fresh vhost)", file=sys.stderr)
-        return 2
-    pg_server = args.pg_url or os.environ.get("TWOPHASE_TEST_PG_URL") or DEFAULT_PG_URL
-    run_id = "fuzz-" + uuid.uuid4().hex[:8]
-    try:
-        db_name, pg_url = _fresh_database(pg_server, run_id.replace("-", "_"))
-    except (psycopg.Error, RuntimeError) as exc:
-        print(f"twophase fuzz: PostgreSQL at {pg_server}: {exc}", file=sys.stderr)
-        return 2
-    vhost, amqp_url = _fresh_vhost(url, run_id)
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="twophase-fuzz-"))
-
     def say(text: str) -> None:
         print(f"twophase fuzz: {text}", file=sys.stderr, flush=True)
 
-    cfg = FuzzConfig(
-        without=without,
-        amqp_url=amqp_url,
-        pg_url=pg_url,
-        data_dir=data_dir,
-        messages=args.messages,
-        transfers=args.transfers,
-        seed=args.seed,
-        on_progress=say,
-    )
-    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so that the services are stopped and
-    # the vhost and database dropped, rather than left running against a deleted vhost
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    without = frozenset(k for k in args.without.split(",") if k)
+    if without - set(KINDS) or args.messages < 1:
+        say(f"unknown kinds {sorted(without - set(KINDS))}, or --messages < 1")
+        return 2
+    url = config.amqp_url(args.amqp_url)
+    pg_server = args.pg_url or os.environ.get("TWOPHASE_TEST_PG_URL") or DEFAULT_PG_URL
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="twophase-fuzz-"))
     try:
-        result = run_fuzz(cfg)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if not args.keep:
-            _roll_back_prepared(pg_url)
-            _drop_database(pg_server, db_name)
-            Broker.ctl("delete_vhost", vhost, check=False)
+        with _fresh_places(url, pg_server, args.keep, say) as (amqp_url, pg_url):
+            result = run_fuzz(
+                FuzzConfig(
+                    amqp_url,
+                    pg_url,
+                    data_dir,
+                    messages=args.messages,
+                    transfers=args.transfers,
+                    seed=args.seed,
+                    without=without,
+                    on_progress=say,
+                )
+            )
+    except _Unavailable as exc:
+        say(str(exc))
+        return 2
     if args.json:
         print(json.dumps(result.as_dict()))
     else:
         print_report(result)
-    if args.keep:
-        say(f"kept: database {db_name}, vhost {vhost}, files in {data_dir}")
     return 0 if result.ok else 1
+
+
+class _Unavailable(Exception):
+    """The broker, rabbitmqctl or PostgreSQL cannot be used: nothing was run."""
+
+
+@contextlib.contextmanager
+def _fresh_places(url: str, pg_server: str, keep: bool, say: Any) -> Iterator[tuple[str, str]]:
+    """(AMQP URL of a fresh vhost, URL of a fresh database), dropped afterwards unless ``keep``.
+
+    SIGTERM (a CI timeout, say) unwinds like Ctrl-C meanwhile, so that the services are stopped
+    and all is dropped, rather than left running against a deleted vhost."""
+    try:
+        AmqpChannel(url, connection_name="twophase-fuzz-probe", connect_attempts=8).close()
+    except BrokerUnavailable as exc:
+        raise _Unavailable(str(exc)) from None
+    if not Broker.available():
+        raise _Unavailable("needs rabbitmqctl on the PATH (for a fresh vhost)")
+    run_id = "fuzz-" + uuid.uuid4().hex[:8]
+    try:
+        db_name, pg_url = _fresh_database(pg_server, run_id.replace("-", "_"))
+    except (psycopg.Error, RuntimeError) as exc:
+        raise _Unavailable(f"PostgreSQL at {redact_url(pg_server)}: {exc}") from None
+    vhost, amqp_url = _fresh_vhost(url, run_id)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield amqp_url, pg_url
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if keep:
+            say(f"kept: database {db_name}, vhost {vhost}")
+        else:
+            _roll_back_prepared(pg_url)
+            _drop_database(pg_server, db_name)
+            Broker.ctl("delete_vhost", vhost, check=False)
 
 
 def _exit_on_sigterm(_signum: int, _frame: Any) -> None:

@@ -226,6 +226,7 @@ def fuzz_checks(
     per_message = total / max(1, stats.sent)
     worst = by_tx.most_common(3)
     result.rows = {
+        "hostile_commits": getattr(inspector, "hostile_commits", []),
         "hostile_rows": total,
         "per_hostile_message": round(per_message, 4),
         "hostile_tx_ids_with_rows": len(by_tx),
@@ -394,6 +395,11 @@ def print_report(result: FuzzResult) -> None:
             "rows",
             f"{data['rows'].get('hostile_rows')} for hostile input "
             f"({data['rows'].get('per_hostile_message')} per message)",
+        ),
+        (
+            "hostile commits",
+            f"{len(data['rows'].get('hostile_commits', []))} hostile transactions committed by"
+            " the coordinator (on votes forged by other hostile messages)",
         ),
         (
             "RSS MiB",

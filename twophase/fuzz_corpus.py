@@ -434,7 +434,8 @@ class Corpus:
         if op == 3:
             return b" \n\t" + raw + b"\r\n"  # whitespace is valid JSON: taken
         if op == 4:
-            return raw[:-1] + b',"tx_id":"dup"}'
+            # a fresh id: hostile messages sharing one could vote for each other's transaction
+            return raw[:-1] + b',"tx_id":"%s"}' % self.tx_id().encode()
         if op == 5:
             return raw + raw
         return raw.replace(b":", b" : ").replace(b",", b" , ")
