@@ -9,8 +9,9 @@ from pathlib import Path
 import pika
 import pytest
 
-from runtime.amqp import AmqpChannel
+from runtime.amqp import AmqpChannel, ConnectionLost
 from schemas import topology
+from twophase.chaos_faults import Broker
 from twophase.fuzz import FuzzConfig, run_fuzz
 from twophase.fuzz_traffic import near_frame_max
 from twophase.testing import running_coordinator
@@ -77,3 +78,22 @@ def test_a_refused_message_with_headers_near_the_frame_size_is_dead_lettered(
             for _, headers in found
         )
         assert service.stats.reconnects == 0
+
+
+def test_queue_counts_on_a_dropped_connection_raises_connection_lost(amqp_url: str) -> None:
+    """Found by ``twophase fuzz`` when the broker went down under it: ``chaos._wait_quiet``
+    (and ``ServiceGroup.wait_ready``) handle ``ConnectionLost``, but ``queue_counts`` opens its
+    probe channel outside ``_io()``, so pika's own ``ConnectionClosedByBroker`` /
+    ``StreamLostError`` escape and end the caller."""
+    channel = AmqpChannel(amqp_url, connection_name="twophase-fuzz-counted")
+    try:
+        channel.declare_queue(topology.COORDINATOR_QUEUE)
+        (pid,) = [
+            p for p, name in Broker(amqp_url).connections() if name == "twophase-fuzz-counted"
+        ]
+        assert Broker(amqp_url).kick(pid)
+        time.sleep(0.5)
+        with pytest.raises(ConnectionLost):
+            channel.queue_counts(topology.COORDINATOR_QUEUE)
+    finally:
+        channel.close()
