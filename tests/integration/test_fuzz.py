@@ -9,7 +9,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from runtime.amqp import AmqpChannel, ConnectionLost
+from runtime.amqp import AmqpChannel
+from runtime.errors import ConnectionLost
 from schemas import topology
 from twophase.chaos_faults import Broker
 from twophase.fuzz import FuzzConfig, run_fuzz
