@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -52,21 +51,15 @@ _reservations = sa.Table(
 )
 
 
-def _sqlalchemy_url(url: str) -> str:
-    if "://" not in url:
-        return f"sqlite:///{url}"  # a bare path is a SQLite file
-    return re.sub(r"^postgres(?:ql)?://", "postgresql+psycopg://", url)  # psycopg 3
-
-
 def _create_engine(url: str) -> sa.Engine:
     """An engine for ``url`` (does not connect); ResourceError, one line, if it cannot be."""
     problem = ""
     try:
-        parsed = sa.make_url(_sqlalchemy_url(url))
+        parsed = sa.make_url(database_url(url, any_dialect=True))
         if parsed.get_backend_name() == "postgresql":
             return pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))
         return sa.create_engine(parsed)
-    except (sa.exc.ArgumentError, ValueError, ImportError) as exc:
+    except (ConfigurationError, sa.exc.ArgumentError, ValueError, ImportError) as exc:
         problem = redact_url(" ".join(str(exc).split())) or type(exc).__name__
     # raised outside the except clause: the message says all, a traceback would not add to it
     raise ResourceError(f"cannot use database URL {redact_url(url)!r}: {problem}")

@@ -34,7 +34,6 @@ from a new instance after a restart. Choices:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -198,7 +197,7 @@ class PostgresResource:
     def __init__(self, url: str, *, pool_size: int = 4, lock_timeout: float = 0.5) -> None:
         if pool_size < 1:
             raise ResourceError(f"pool_size must be at least 1, not {pool_size}")
-        self._url = re.sub(r"^(postgres(?:ql)?)\+psycopg:", r"\1:", url)
+        self._url = store.psycopg_url(url)
         self.url = url
         self._pool_size = pool_size
         self._lock_timeout_ms = max(0, round(lock_timeout * 1000))

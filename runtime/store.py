@@ -3,7 +3,9 @@
 Choices made here (the architecture leaves them open):
 
 * A URL is either a filesystem path (SQLite file, made absolute), ``sqlite:///PATH`` or a
-  PostgreSQL URL; ``postgresql://`` and ``postgres://`` are driven by psycopg 3.
+  PostgreSQL URL; ``postgresql://`` and ``postgres://`` are driven by psycopg 3. Every process
+  normalises database settings with :func:`database_url` (ReservationResource also lets through
+  other dialects' URLs) and :func:`psycopg_url` (for psycopg itself).
 * Every SQLite connection runs with ``journal_mode=WAL``, ``synchronous=FULL`` (a commit is on disk
   when it returns), ``busy_timeout=10000`` and ``foreign_keys=ON``. The pool is SQLAlchemy's
   ``QueuePool`` with ``check_same_thread=False``, so one engine serves many threads; SQLite
@@ -55,6 +57,7 @@ __all__ = [
     "configuration_problem",
     "database_url",
     "make_engine",
+    "psycopg_url",
 ]
 
 _CHUNK = 500
@@ -133,8 +136,20 @@ def commit(conn: sa.Connection) -> None:
         conn.commit()
 
 
-def database_url(value: str) -> str:
-    """Normalise a database setting to a SQLAlchemy URL string (see the module docstring)."""
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+_PSYCOPG_PREFIX = "postgresql+psycopg://"
+
+
+def database_url(value: str, *, any_dialect: bool = False) -> str:
+    """Normalise a database setting to a SQLAlchemy URL string (see the module docstring).
+
+    The one normalisation of database settings: the logs, both resources and the tools use it.
+    A file path becomes ``sqlite:///ABSOLUTE-PATH``; ``postgresql://``, ``postgres://`` and
+    ``postgresql+psycopg://`` become ``postgresql+psycopg://`` (psycopg 3). Anything else is a
+    :class:`ConfigurationError`, unless ``any_dialect`` (ReservationResource, which works on any
+    database SQLAlchemy has a dialect for): then a URL of another scheme is left as it is for
+    SQLAlchemy to judge, and so is a PostgreSQL URL without a host (libpq's defaults).
+    """
     text = value.strip()
     unsupported = ConfigurationError(
         f"unsupported database URL {redact_url(value)!r}: "
@@ -148,11 +163,23 @@ def database_url(value: str) -> str:
     scheme = scheme.lower()
     if scheme == "sqlite":
         return f"sqlite://{rest}"
-    if scheme in ("postgresql", "postgres", "postgresql+psycopg"):
-        if not rest:
-            raise unsupported
-        return f"postgresql+psycopg://{rest}"
+    if scheme in _POSTGRES_SCHEMES and (rest or any_dialect):
+        return f"{_PSYCOPG_PREFIX}{rest}"
+    if any_dialect:
+        return text
     raise unsupported
+
+
+def psycopg_url(value: str) -> str:
+    """``value`` as ``psycopg.connect`` takes it: a PostgreSQL URL in any spelling
+    :func:`database_url` accepts, as ``postgresql://`` (without SQLAlchemy's ``+psycopg``); a
+    libpq connection string (``host=H dbname=D``, no ``://``) as it is."""
+    if "://" not in value:
+        return value
+    url = database_url(value, any_dialect=True)
+    if url.startswith(_PSYCOPG_PREFIX):
+        return "postgresql://" + url.removeprefix(_PSYCOPG_PREFIX)
+    return url
 
 
 def _redacted(url: URL) -> str:

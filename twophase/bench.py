@@ -28,7 +28,7 @@ from typing import Any
 from coordinator.client import Client
 from runtime import config, selfstats
 from runtime.errors import ConfigurationError
-from runtime.store import database_url
+from runtime.store import database_url, psycopg_url
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank, bench_machine
@@ -285,7 +285,7 @@ class StatsFiles:
 def _create_database(pg_url: str, name: str) -> str:
     import psycopg
 
-    admin = database_url(pg_url).replace("postgresql+psycopg://", "postgresql://")
+    admin = psycopg_url(database_url(pg_url))
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -302,7 +302,7 @@ def _on_database(url: str, name: str) -> str:
 def _drop_database(pg_url: str, name: str) -> None:
     import psycopg
 
-    admin = database_url(pg_url).replace("postgresql+psycopg://", "postgresql://")
+    admin = psycopg_url(database_url(pg_url))
     with psycopg.connect(admin, autocommit=True) as conn:
         for (gid,) in conn.execute(
             "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,)

@@ -10,6 +10,7 @@ import uuid
 import psycopg
 
 from runtime.amqp import AmqpChannel
+from runtime.store import psycopg_url
 from twophase import bank
 
 PAYLOAD = b"x" * 200  # about the size of an encoded protocol message
@@ -70,8 +71,7 @@ def naive_two_phase_commit(
 ) -> float:
     """Transactions per second of a plain loop: for each bank tpc_begin, UPDATE, tpc_prepare;
     then tpc_commit each. One thread, one connection per bank, the same tables as the bench."""
-    url = db_url.replace("postgresql+psycopg://", "postgresql://")
-    connections = [psycopg.connect(url) for _ in banks]
+    connections = [psycopg.connect(psycopg_url(db_url)) for _ in banks]
     rng = random.Random(3)
     done = 0
     try:

@@ -247,6 +247,19 @@ def test_sqlite_connections_are_durable_and_serialized(db: Path, opened: Any) ->
     }
 
 
+def test_a_relative_path_is_the_same_database_as_the_logs(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(db.parent)
+    res = ReservationResource(db.name)
+    try:
+        assert res.shares_database(db.name)  # normalised as the log's URL is: one unit of work
+        assert res.shares_database(f"sqlite:///{db}")
+        assert not res.shares_database("other.db")
+    finally:
+        res.close()
+
+
 def test_bind_is_required_and_checked(db: Path) -> None:
     res = ReservationResource(str(db))
     try:

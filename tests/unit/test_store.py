@@ -11,7 +11,14 @@ import pytest
 import sqlalchemy as sa
 
 from runtime.errors import ConfigurationError
-from runtime.store import LogRow, RecordLog, check_connection, database_url, make_engine
+from runtime.store import (
+    LogRow,
+    RecordLog,
+    check_connection,
+    database_url,
+    make_engine,
+    psycopg_url,
+)
 
 FINISHED = ("END", "ABORT")
 
@@ -74,6 +81,43 @@ def test_unsupported_url_message(bad: str) -> None:
         "use a file path, sqlite:///PATH or postgresql://USER@HOST/DB"
     )
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("mysql://u@h/db", "mysql://u@h/db"),
+        ("postgresql+psycopg2://u@h/db", "postgresql+psycopg2://u@h/db"),
+        ("postgres://u@h/db", "postgresql+psycopg://u@h/db"),
+        ("postgres://", "postgresql+psycopg://"),  # libpq's defaults
+        ("sqlite:///rel.db", "sqlite:///rel.db"),
+    ],
+)
+def test_any_dialect_leaves_other_schemes_to_sqlalchemy(given: str, expected: str) -> None:
+    assert database_url(given, any_dialect=True) == expected
+
+
+def test_any_dialect_still_makes_paths_absolute_and_refuses_an_empty_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert database_url("bank.db", any_dialect=True) == f"sqlite:///{tmp_path / 'bank.db'}"
+    with pytest.raises(ConfigurationError, match="unsupported database URL"):
+        database_url("  ", any_dialect=True)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:pw@h:5432/db", "postgresql://u:pw@h:5432/db"),
+        ("postgres://u@h/db", "postgresql://u@h/db"),
+        ("postgresql+psycopg://u@h/db?sslmode=require", "postgresql://u@h/db?sslmode=require"),
+        ("postgresql://", "postgresql://"),
+        ("host=h dbname=db user=u", "host=h dbname=db user=u"),  # a libpq connection string
+    ],
+)
+def test_psycopg_url(given: str, expected: str) -> None:
+    assert psycopg_url(given) == expected
 
 
 def test_make_engine_rejects_bad_url() -> None:
