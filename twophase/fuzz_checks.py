@@ -112,7 +112,12 @@ class FuzzResult:
             "warmup_s": round(self.warmup_s, 1),
             "flood_s": round(self.flood_s, 1),
             "total_s": round(self.total_s, 1),
-            "hostile_per_s": round(self.messages / self.flood_s, 1) if self.flood_s else None,
+            # published and consumed (the flood ends when the queues are empty again)
+            "hostile_per_s": (
+                round(self.sent.get("messages", 0) / self.flood_s, 1)
+                if self.flood_s >= 1 and not self.stalled
+                else None
+            ),
             "sent": self.sent,
             "dead_letters": self.dead,
             "rows": self.rows,
