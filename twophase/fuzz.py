@@ -355,8 +355,8 @@ def _settle_warm_up(publisher: HostilePublisher, load: Load, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     want = max(1, load.cfg.transfers // 20)
     while time.monotonic() < deadline and load.seen < min(want, load.submitted):
-        publisher.connection.sleep(0.2)
-    publisher.connection.sleep(1.0)  # the last batches' garbage is collected
+        publisher.pause(0.2)
+    publisher.pause(1.0)  # the last batches' garbage is collected
 
 
 def _wait_for_dead_letters(ledger: Ledger, timeout_s: float) -> None:

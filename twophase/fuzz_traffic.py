@@ -18,6 +18,7 @@ import decimal
 import hashlib
 import random
 import string
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ import pika.exceptions
 
 from schemas import topology
 from schemas.validation import CLIENT_ACCEPTS, DEFAULT_LIMITS, Limits
-from twophase.chaos_faults import Broker, vhost_of
+from twophase.chaos_faults import Broker, BrokerError, vhost_of
 from twophase.fuzz_corpus import GENERATOR_KINDS, ID_HEADER, Corpus, expected_rejection
 
 #: how many real messages per queue are kept for replay
@@ -408,13 +409,18 @@ class HostilePublisher:
             self.drain(self.low_water, self.stall_s)
             self.stats.paused_s += time.monotonic() - began
 
-    def totals(self) -> dict[str, int]:
+    def totals(self) -> dict[str, int] | None:
         """Messages in each protocol queue, ready *and* unacknowledged: a consumer stuck in a
         reconnect loop takes its prefetch and gives it back, and the ready count alone would
-        read as a drained queue most of the time. (Asked with rabbitmqctl: about 0.5 s.)"""
-        out = Broker.ctl(
-            "list_queues", "-p", self.vhost, "name", "messages", "-q", "--no-table-headers"
-        )
+        read as a drained queue most of the time. (Asked with rabbitmqctl: about 0.5 s.) None
+        while the broker does not answer."""
+        try:
+            out = Broker.ctl(
+                "list_queues", "-p", self.vhost, "name", "messages", "-q", "--no-table-headers"
+            )
+        except (BrokerError, subprocess.TimeoutExpired) as exc:
+            self.disturbances.append(f"rabbitmqctl: {exc}"[:200])
+            return None
         counts = dict(line.rsplit("\t", 1) for line in out.splitlines() if "\t" in line)
         return {t.queue: int(counts.get(t.queue, 0)) for t in self.targets if not t.client}
 
@@ -422,20 +428,30 @@ class HostilePublisher:
         """Until every queue holds at most ``below`` messages. A queue that gets no shorter for
         ``timeout_s`` means a service stopped consuming: the flood ends there (``stalled``), and
         the checks say so."""
-        totals = self.totals()
-        lowest = dict(totals)
-        progress_at = dict.fromkeys(totals, time.monotonic())
-        while max(totals.values(), default=0) > below:
-            now = time.monotonic()
-            for queue, total in totals.items():
-                if total < lowest[queue]:
-                    lowest[queue], progress_at[queue] = total, now
-                elif total > below and now - progress_at[queue] > timeout_s:
-                    self.stalled = totals
-                    return False
-            self.connection.sleep(0.2)
+        lowest: dict[str, int] = {}
+        progress_at: dict[str, float] = {}
+        while True:
             totals = self.totals()
-        return True
+            if totals is not None:
+                if max(totals.values(), default=0) <= below:
+                    return True
+                now = time.monotonic()
+                for queue, total in totals.items():
+                    if total < lowest.get(queue, total + 1):
+                        lowest[queue], progress_at[queue] = total, now
+                    elif total > below and now - progress_at[queue] > timeout_s:
+                        self.stalled = totals
+                        return False
+            self.pause(0.2)
+
+    def pause(self, seconds: float) -> None:
+        """Sleep, serving this connection's heartbeats; a connection lost meanwhile is
+        reopened (and reported)."""
+        try:
+            self.connection.sleep(seconds)
+        except pika.exceptions.AMQPError as exc:
+            self.disturbances.append(f"publisher: {exc!r}"[:200])
+            self._reopen()
 
 
 def odd_headers(corpus: Corpus) -> tuple[str, dict[str, Any] | None]:
