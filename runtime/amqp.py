@@ -331,19 +331,21 @@ class AmqpChannel:
         A passive declare of a missing queue closes the channel, so it is asked on a channel of
         its own.
         """
-        self._check_alive()
-        assert self._connection is not None
-        probe = self._connection.channel()
         channel_log = logging.getLogger("pika.channel")
         level = channel_log.level
         channel_log.setLevel(logging.ERROR)  # a missing queue is an answer here, not a warning
         try:
-            ok = probe.queue_declare(name, passive=True)
-        except pika.exceptions.ChannelClosedByBroker:
-            return None
+            with self._io():  # a connection that died is ConnectionLost, as everywhere
+                probe = self._connection.channel()
+                try:
+                    ok = probe.queue_declare(name, passive=True)
+                except pika.exceptions.ChannelClosedByBroker as exc:
+                    if exc.reply_code == 404:  # NOT_FOUND
+                        return None
+                    raise
+                probe.close()
         finally:
             channel_log.setLevel(level)
-        probe.close()
         return int(ok.method.message_count), int(ok.method.consumer_count)
 
     def consume(self, queue: str) -> None:
