@@ -29,6 +29,7 @@ from runtime.store import (
     database_url,
     in_ids,
     pg_connect_args,
+    sqlite_setup,
 )
 
 
@@ -213,20 +214,13 @@ class ReservationResource:
         self._participant: str | None = None
         self._analyze = AnalyzeSchedule()
         if self._engine.dialect.name == "sqlite":
-            timeout_ms = max(0, round(busy_timeout * 1000))
-
-            @sa.event.listens_for(self._engine, "connect")
-            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-                dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see below)
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute(f"PRAGMA busy_timeout={timeout_ms}")
-                cur.close()
-
-            @sa.event.listens_for(self._engine, "begin")
-            def _on_begin(conn: sa.Connection) -> None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # foreign_keys as the application's own connections have it (off unless it sets it)
+            sqlite_setup(
+                self._engine,
+                busy_timeout_ms=max(0, round(busy_timeout * 1000)),
+                foreign_keys=False,
+                begin_immediate=True,
+            )
 
     def bind(self, participant: str) -> None:
         if not participant or len(participant) > 255:

@@ -9,7 +9,9 @@ Choices made here (the architecture leaves them open):
 * Every SQLite connection runs with ``journal_mode=WAL``, ``synchronous=FULL`` (a commit is on disk
   when it returns), ``busy_timeout=10000`` and ``foreign_keys=ON``. The pool is SQLAlchemy's
   ``QueuePool`` with ``check_same_thread=False``, so one engine serves many threads; SQLite
-  serialises the writers and ``busy_timeout`` makes them wait instead of failing.
+  serialises the writers and ``busy_timeout`` makes them wait instead of failing. The set-up is
+  :func:`sqlite_setup`, which ReservationResource shares (with its own ``busy_timeout``, without
+  ``foreign_keys`` and with ``BEGIN IMMEDIATE``).
 * PostgreSQL engines use a pool of 5, with a 10 s connect timeout unless the URL names one. No
   ``pool_pre_ping``: it costs a round trip per batch; instead a log append that meets an outage
   (a dropped connection included: SQLAlchemy invalidates the pool on a disconnect) is retried a
@@ -58,6 +60,7 @@ __all__ = [
     "database_url",
     "make_engine",
     "psycopg_url",
+    "sqlite_setup",
 ]
 
 _CHUNK = 500
@@ -186,15 +189,42 @@ def _redacted(url: URL) -> str:
     return redact_url(url.render_as_string(hide_password=False))
 
 
-def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL").fetchall()
-        cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=10000")
-        cursor.execute("PRAGMA foreign_keys=ON")
-    finally:
-        cursor.close()
+def sqlite_setup(
+    engine: Engine,
+    *,
+    busy_timeout_ms: int = 10_000,
+    foreign_keys: bool = True,
+    begin_immediate: bool = False,
+) -> None:
+    """Set up every connection ``engine`` opens to SQLite: ``journal_mode=WAL``,
+    ``synchronous=FULL`` (a commit is on disk when it returns), ``busy_timeout`` (a writer waits
+    for the others instead of failing) and, with ``foreign_keys``, ``foreign_keys=ON``.
+
+    With ``begin_immediate`` every transaction starts with ``BEGIN IMMEDIATE``, emitted here in
+    place of the driver's own deferred BEGIN (turned off with ``isolation_level = None``): it
+    holds the write lock from its first statement, so a check-then-write in it is serializable
+    (ReservationResource).
+    """
+
+    def on_connect(dbapi_connection: Any, _connection_record: Any) -> None:
+        if begin_immediate:
+            dbapi_connection.isolation_level = None  # BEGIN is emitted by on_begin
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL").fetchall()
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            if foreign_keys:
+                cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    def on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", on_connect)
+    if begin_immediate:
+        event.listen(engine, "begin", on_begin)
 
 
 def make_engine(url: str) -> Engine:
@@ -212,7 +242,7 @@ def make_engine(url: str) -> Engine:
                     f"{exc.strerror or exc}"
                 ) from exc
         engine = sa.create_engine(parsed)
-        event.listen(engine, "connect", _set_sqlite_pragmas)
+        sqlite_setup(engine)
         return engine
     return pgpipe.create_engine(parsed, pool_size=5, connect_args=pg_connect_args(parsed))
 

@@ -247,6 +247,24 @@ def test_sqlite_connections_are_durable_and_serialized(db: Path, opened: Any) ->
     }
 
 
+def test_sqlite_busy_timeout_is_the_resources_and_foreign_keys_are_the_applications(
+    db: Path,
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def probe(conn: sa.Connection, a: dict[str, Any]) -> None:
+        for pragma in ("busy_timeout", "foreign_keys"):
+            seen[pragma] = conn.exec_driver_sql(f"PRAGMA {pragma}").scalar()
+
+    res = ReservationResource(str(db), busy_timeout=2.5)
+    try:
+        res.bind("bank")
+        res.prepare("tx1", OperationSpec("probe", probe), {})
+    finally:
+        res.close()
+    assert seen == {"busy_timeout": 2500, "foreign_keys": 0}
+
+
 def test_a_relative_path_is_the_same_database_as_the_logs(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
