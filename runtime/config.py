@@ -44,6 +44,13 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 
 
 def setting(flag: str | None, variable: str, default: str) -> str:
+    """The one resolution of a setting: the flag if given, else the variable, else the default.
+
+    Every process and the ``Client`` read their settings through it (directly, or through the
+    typed readers below). Read elsewhere: only the fault-injection and benchmark hooks
+    (``TWOPHASE_CRASHPOINTS``, ``TWOPHASE_STATS_FILE``) where they act, and the example bank's
+    own variables (``twophase.bank``).
+    """
     if flag is not None:
         return flag
     return os.environ.get(variable, default)

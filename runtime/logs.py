@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any, TextIO
 
-from runtime import tracing
+from runtime import config, tracing
 from runtime.errors import ConfigurationError
 
 FORMATS = ("kv", "json")
@@ -92,7 +91,7 @@ def formatter(kind: str) -> logging.Formatter:
 
 
 def log_format(flag: str | None = None) -> str:
-    kind = (flag if flag is not None else os.environ.get("TWOPHASE_LOG_FORMAT", "kv")).strip()
+    kind = config.setting(flag, "TWOPHASE_LOG_FORMAT", "kv").strip()
     kind = kind.lower() or "kv"
     formatter(kind)  # validates
     return kind

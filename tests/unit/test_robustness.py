@@ -9,6 +9,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
 from participant.resources import connection_lost
-from runtime import config, outages, redaction, store
+from runtime import config, outages, store
 from runtime.errors import (
     BrokerUnavailable,
     ConfigurationError,
@@ -216,27 +217,59 @@ def test_bad_urls_are_shown_without_their_password() -> None:
         assert "s3cret" not in str(error) and "u:***@h" in str(error)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def product_nodes(*, but: str) -> Iterator[tuple[str, ast.AST]]:
+    """("path:line", node) for every AST node of the product's modules, but the module ``but``
+    (a path from the repository's root) and docstrings."""
+    for package in ("schemas", "runtime", "coordinator", "participant", "twophase"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / but:
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            docstrings = {
+                id(node.body[0].value)
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+                and node.body
+                and isinstance(node.body[0], ast.Expr)
+                and isinstance(node.body[0].value, ast.Constant)
+            }
+            for node in ast.walk(tree):
+                if id(node) not in docstrings:
+                    yield f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}", node
+
+
 def test_one_redaction_helper() -> None:
     """Secrets are hidden by runtime.redaction alone: no other module of the product masks them
     itself (writes ``***``, or has SQLAlchemy hide the password)."""
-    root = Path(__file__).resolve().parents[2]
     own = []
-    for package in ("schemas", "runtime", "coordinator", "participant", "twophase"):
-        for path in sorted((root / package).rglob("*.py")):
-            if path == Path(redaction.__file__).resolve():
-                continue
-            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                masks = isinstance(node, ast.Constant) and node.value == "***"
-                hides = isinstance(node, ast.keyword) and (
-                    node.arg == "hide_password"
-                    and not (isinstance(node.value, ast.Constant) and node.value.value is False)
-                )
-                if masks or hides:
-                    own.append(f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}")
+    for where, node in product_nodes(but="runtime/redaction.py"):
+        masks = isinstance(node, ast.Constant) and "***" in str(node.value)
+        hides = isinstance(node, ast.keyword) and (
+            node.arg == "hide_password"
+            and not (isinstance(node.value, ast.Constant) and node.value.value is False)
+        )
+        if masks or hides:
+            own.append(where)
     assert own == []
     assert store._redacted(sa.make_url("postgresql+psycopg://u:pw@h/db")) == (
         "postgresql+psycopg://u:***@h/db"
     )
+
+
+def test_the_default_broker_url_is_spelled_once() -> None:
+    """runtime.config holds the default AMQP URL; every process and the Client resolve theirs
+    there (flag, then TWOPHASE_AMQP_URL, then the default)."""
+    others = [
+        where
+        for where, node in product_nodes(but="runtime/config.py")
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith(("amqp://", "amqps://"))
+    ]
+    assert others == []
 
 
 # ---- ReservationResource: an outage in a handler is no NO vote --------------------------------
