@@ -21,13 +21,14 @@ from coordinator.client import (
     AsyncClient,
     Branch,
     Client,
+    ClientClosed,
     LimitExceeded,
     OutcomeKind,
     OutcomeUnknown,
 )
 from runtime import config, outages
 from runtime.amqp import Delivery
-from runtime.errors import BrokerUnavailable, ConnectionLost
+from runtime.errors import BrokerUnavailable, ConnectionLost, TwophaseError
 from schemas.codec import decode_message, encode
 from schemas.messages import Begin, Envelope, Outcome, StatusQuery
 from schemas.topology import COORDINATOR_QUEUE
@@ -175,6 +176,17 @@ def test_a_transaction_the_coordinator_would_refuse_is_not_sent(
     assert isinstance(info.value, ValueError)
     assert "\n" not in str(info.value)
     assert channels[0].messages() == []
+
+
+def test_a_closed_client_raises_client_closed(channels: list[FakeChannel]) -> None:
+    with Client("amqp://fake/") as client:
+        waiting = client.submit_future(BRANCHES)
+    with pytest.raises(ClientClosed, match="the client was closed") as failed:
+        waiting.result(5)
+    with pytest.raises(ClientClosed, match="the client is closed") as refused:
+        client.submit_future(BRANCHES)
+    for error in (failed.value, refused.value):
+        assert isinstance(error, TwophaseError) and isinstance(error, RuntimeError)
 
 
 def test_status_checks_the_tx_id(channels: list[FakeChannel]) -> None:

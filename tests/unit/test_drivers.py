@@ -16,7 +16,7 @@ from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.log import PrepareLog
 from participant.units import SharedLog
 from participant.worker import ParticipantWorker
-from runtime.errors import ConnectionLost
+from runtime.errors import ConnectionLost, UnknownOperation
 from runtime.memory import MemoryBroker, MemoryChannel
 from schemas import topology
 from schemas.codec import decode_message, encode
@@ -344,3 +344,10 @@ def test_a_credit_to_a_missing_account_aborts_alone_in_its_batch(system: System)
     assert outcomes["m1"].outcome is OutcomeKind.ABORTED
     assert outcomes["m1"].at_fault == "bank-c" and "bank-c-404" in outcomes["m1"].reason
     assert system.balance("bank-c") == (102, 0)
+
+
+def test_an_operation_no_longer_registered_is_a_typed_error(system: System) -> None:
+    worker = system.workers["bank-a"]
+    assert worker._spec("debit").name == "debit"
+    with pytest.raises(UnknownOperation, match="bank-a: operation 'withdraw' is no longer"):
+        worker._spec("withdraw")
