@@ -81,6 +81,29 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+#: the original headers a dead-letter copy keeps at most: a copy whose header frame exceeds the
+#: broker's frame size (128 KiB) makes the broker close the connection, and the message would come
+#: back to fail again, forever
+_KEPT_HEADER_BYTES = 16 * 1024
+_REASON_BYTES = 1000
+DROPPED_HEADERS_HEADER = "x-twophase-dropped-headers"
+
+
+def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
+    """The headers of ``delivery``'s dead-letter copy: the reason (cut to 1,000 bytes), the
+    original routing key, and the original headers when they are small enough to travel."""
+    raw = reason.encode("utf-8", errors="replace")[:_REASON_BYTES]
+    headers = {
+        ERROR_HEADER: raw.decode("utf-8", errors="ignore"),
+        ORIGINAL_KEY_HEADER: delivery.routing_key[:_SHORTSTR_MAX],
+    }
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in delivery.headers.items())
+    if size <= _KEPT_HEADER_BYTES:
+        return {**delivery.headers, **headers}
+    headers[DROPPED_HEADERS_HEADER] = f"{len(delivery.headers)} headers, {size} bytes"
+    return headers
+
+
 def _header_str(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
@@ -549,7 +572,7 @@ class AmqpChannel:
             if delivery.generation != self._generation:
                 continue
             key = delivery.routing_key
-            headers = {**delivery.headers, ERROR_HEADER: reason[:1000], ORIGINAL_KEY_HEADER: key}
+            headers = dead_letter_headers(delivery, reason)
             props = pika.BasicProperties(
                 headers=headers, delivery_mode=pika.DeliveryMode.Persistent
             )

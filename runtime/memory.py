@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from runtime.amqp import Delivery
+from runtime.amqp import Delivery, dead_letter_headers
 from runtime.errors import ConnectionLost, PublishError
-from schemas.topology import DEAD_LETTER_QUEUE, ERROR_HEADER
+from schemas.topology import DEAD_LETTER_QUEUE
 
 
 @dataclass
@@ -146,7 +146,7 @@ class MemoryChannel:
         current = [(d, r) for d, r in rejected if d.generation == self.generation]
         with self.broker.lock:
             for delivery, reason in current:
-                headers = {**delivery.headers, ERROR_HEADER: reason[:1000]}
+                headers = dead_letter_headers(delivery, reason)
                 self.broker.queues[DEAD_LETTER_QUEUE].append(
                     _Message(delivery.body, headers, delivery.routing_key)
                 )
