@@ -42,7 +42,8 @@ from runtime.driver import now_ms
 from runtime.errors import ClientClosed, ConnectionLost, LimitExceeded, OutcomeUnknown
 from runtime.redaction import redact_url
 from schemas import topology
-from schemas.codec import DecodeError, decode_message, encode
+from schemas.codec import decode_message, encode
+from schemas.errors import ProtocolError
 from schemas.messages import (
     Begin,
     Branch,
@@ -54,15 +55,20 @@ from schemas.messages import (
     StatusQuery,
 )
 from schemas.validation import (
+    CLIENT_ACCEPTS,
     DEFAULT_LIMITS,
     ENVELOPE_MAX,
     Limits,
     begin_problem,
+    check,
     size_problem,
     tx_id_problem,
 )
 
 log = logging.getLogger("twophase.client")
+
+#: dropped replies are reported at most once per this many seconds
+_DROP_REPORT_S = 10.0
 
 FINAL = (OutcomeKind.COMMITTED, OutcomeKind.ABORTED)
 #: how often the I/O thread looks for Begins to re-send (they are re-sent seconds apart)
@@ -114,6 +120,7 @@ class Client:
         ``limits`` are the deployment's (see :func:`runtime.config.limits`)."""
         self.amqp_url = config.amqp_url(amqp_url)
         self.limits = limits
+        self._dropped, self._dropped_since = 0, 0.0
         self.client_id = uuid.uuid4().hex
         self.reply_queue = topology.client_queue(self.client_id)
         self._resend_after_s = resend_after_s
@@ -322,13 +329,25 @@ class Client:
         self._resend_all()
         return True
 
+    def _drop_reply(self, why: str) -> None:
+        """A reply that is no Outcome of ours is dropped; said once per period, not per reply,
+        so that a flood of them cannot flood the application's log."""
+        self._dropped += 1
+        log.debug("client dropped a reply: %s", why)
+        now = time.monotonic()
+        if now - self._dropped_since >= _DROP_REPORT_S:
+            log.warning("client dropped %d replies that were not outcomes", self._dropped)
+            self._dropped, self._dropped_since = 0, now
+
     def _turn(self, channel: AmqpChannel) -> None:
         deliveries = channel.poll(0.0 if self._outgoing else 0.1)
         for delivery in deliveries:
             try:
-                message = decode_message(delivery.body)
-            except DecodeError as exc:
-                log.warning("client dropped an undecodable reply: %s", exc.cause)
+                message = check(
+                    decode_message(delivery.body), now_ms(), self.limits, CLIENT_ACCEPTS
+                )
+            except ProtocolError as exc:
+                self._drop_reply(str(exc))
                 continue
             inner = (
                 [i.message for i in message.messages]

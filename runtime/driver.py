@@ -187,6 +187,7 @@ class BatchDriver(ABC, Generic[R]):
         self._broker = outages.Dependency("rabbitmq", str(getattr(channel, "url", "")), _no_probe)
         self.watch.report_up(self._broker)
         self._rejections: dict[str, int] = {}
+        self._noticed: dict[str, int] = {}
         self.every(10.0, self._report_rejections)
         stats_file = os.environ.get(selfstats.ENV)
         if stats_file:
@@ -224,7 +225,8 @@ class BatchDriver(ABC, Generic[R]):
         """Rebuild the core from the log (injects a ``Recovered`` event)."""
 
     def on_unroutable(self, send: Send) -> Iterable[Any]:
-        log.warning(
+        self._noted("unroutable replies")
+        log.debug(
             "unroutable message to %s: %s",
             send.queue,
             type(send.message).__name__,
@@ -489,15 +491,23 @@ class BatchDriver(ABC, Generic[R]):
             if self.metrics is not None:
                 self.metrics.dead_lettered(delivery.queue, category)
 
+    def _noted(self, what: str) -> None:
+        self._noticed[what] = self._noticed.get(what, 0) + 1
+
     def _report_rejections(self, _now: int) -> None:
-        """One line per period for what was dead-lettered, not one per message: a flood of bad
-        messages must not become a flood of log lines."""
+        """One line per period for what was dead-lettered, and one for messages that were
+        handled but made no sense (each logged at DEBUG): a flood of bad messages must not
+        become a flood of log lines."""
         if self._rejections:
             counts = ", ".join(
                 f"{n} {category}" for category, n in sorted(self._rejections.items())
             )
             log.warning("%s: dead-lettered messages from %s: %s", self.name, self.queue, counts)
             self._rejections.clear()
+        if self._noticed:
+            counts = ", ".join(f"{n} {what}" for what, n in sorted(self._noticed.items()))
+            log.warning("%s: in the last period: %s (each at DEBUG)", self.name, counts)
+            self._noticed.clear()
 
     def _run_events(self, events: deque[tuple[Any, Delivery | None]], now: int) -> None:
         observing = self.observing
@@ -527,7 +537,8 @@ class BatchDriver(ABC, Generic[R]):
             self.forget(effect.tx_id)
         elif isinstance(effect, ProtocolViolation):
             self.stats.protocol_violations += 1
-            log.warning(
+            self._noted("protocol violations")
+            log.debug(
                 "protocol violation tx_id=%s: %s",
                 effect.tx_id,
                 effect.description,
