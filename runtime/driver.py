@@ -18,14 +18,12 @@ the unacked deliveries come back redelivered.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import heapq
 import logging
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -37,6 +35,8 @@ from runtime.amqp import AmqpChannel, Delivery
 from runtime.crashpoints import crashpoint
 from runtime.errors import ConnectionLost, PublishError, PublishRefused
 from runtime.journal import Journal
+from runtime.suspects import POISON_ATTEMPTS, Suspects
+from runtime.timers import Timers
 from schemas.codec import DecodeError, decode_message, encode
 from schemas.effects import (
     CancelTimer,
@@ -47,7 +47,6 @@ from schemas.effects import (
     Send,
     StartTimer,
     TimerFired,
-    TimerKey,
 )
 from schemas.messages import Envelope, Enveloped, Message
 from schemas.topology import TRACEPARENT_HEADER
@@ -63,48 +62,12 @@ from schemas.validation import (
 
 log = logging.getLogger("twophase.driver")
 
-#: a message whose handling raised this many times is dead-lettered as poison
-POISON_ATTEMPTS = 3
-#: how many suspect messages are remembered (by digest) at most
-_SUSPECTS_MAX = 10_000
 
 R = TypeVar("R", bound=msgspec.Struct)
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class Timers:
-    """Deadlines by key; cancelled or replaced entries are dropped lazily from the heap."""
-
-    def __init__(self) -> None:
-        self._deadline: dict[TimerKey, int] = {}
-        self._heap: list[tuple[int, TimerKey]] = []
-
-    def start(self, key: TimerKey, deadline_ms: int) -> None:
-        self._deadline[key] = deadline_ms
-        heapq.heappush(self._heap, (deadline_ms, key))
-
-    def cancel(self, key: TimerKey) -> None:
-        self._deadline.pop(key, None)
-
-    def due(self, now: int) -> list[TimerKey]:
-        fired = []
-        while self._heap and self._heap[0][0] <= now:
-            deadline, key = heapq.heappop(self._heap)
-            if self._deadline.get(key) == deadline:
-                del self._deadline[key]
-                fired.append(key)
-        return fired
-
-    def next_deadline(self) -> int | None:
-        while self._heap and self._deadline.get(self._heap[0][1]) != self._heap[0][0]:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
-
-    def __len__(self) -> int:
-        return len(self._deadline)
 
 
 @dataclass
@@ -169,7 +132,7 @@ class BatchDriver(ABC, Generic[R]):
         self._injected: deque[Any] = deque()
         self._chores: list[_Chore] = []
         #: digest of a delivery whose handling raised -> (times, the last error)
-        self._suspects: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
+        self._suspects = Suspects()
         #: suspects held back, to be handled one per batch (so that the culprit is found)
         self._held: deque[Delivery] = deque()
         self._batch: list[Delivery] = []
@@ -360,12 +323,7 @@ class BatchDriver(ABC, Generic[R]):
             POISON_ATTEMPTS,
             exc_info=exc,
         )
-        for delivery in culprits:
-            key = _digest(delivery)
-            times = self._suspects.pop(key, (0, ""))[0] + 1
-            self._suspects[key] = (times, error)
-        while len(self._suspects) > _SUSPECTS_MAX:
-            self._suspects.popitem(last=False)
+        self._suspects.blame(culprits, error)
 
     def _restart(self) -> None:
         """Rebuild the in-memory state from the log once every dependency answers."""
@@ -442,9 +400,7 @@ class BatchDriver(ABC, Generic[R]):
         if good:
             crashpoint(f"{self.side}.after_ack")
         stats.ack_ns += time.perf_counter_ns() - published
-        if self._suspects:
-            for delivery in good:  # handled without raising: no longer suspect
-                self._suspects.pop(_digest(delivery), None)
+        self._suspects.cleared(good)
         if self.observing:
             self.on_batch_end(len(deliveries))
 
@@ -454,10 +410,10 @@ class BatchDriver(ABC, Generic[R]):
             return [self._held.popleft()]
         deliveries = self.channel.poll(wait, self.max_batch)
         if self._suspects and len(deliveries) > 1:
-            suspects = [d for d in deliveries if _digest(d) in self._suspects]
+            suspects = [d for d in deliveries if d in self._suspects]
             if suspects:
                 self._held.extend(suspects)
-                deliveries = [d for d in deliveries if _digest(d) not in self._suspects]
+                deliveries = [d for d in deliveries if d not in self._suspects]
                 if not deliveries:
                     deliveries = [self._held.popleft()]
         return deliveries
@@ -467,10 +423,9 @@ class BatchDriver(ABC, Generic[R]):
         problem = size_problem(len(delivery.body), self.limits)
         if problem is not None:
             return "oversized", problem
-        if self._suspects:
-            times, error = self._suspects.get(_digest(delivery), (0, ""))
-            if times >= POISON_ATTEMPTS:
-                return "poison", f"handling it raised {times} times, last: {error}"
+        poison = self._suspects.poison(delivery)
+        if poison is not None:
+            return "poison", poison
         try:
             message: Message = check(decode_message(delivery.body), now, self.limits, self.accepts)
         except DecodeError as exc:
@@ -635,10 +590,3 @@ class BatchDriver(ABC, Generic[R]):
 
 def _no_probe() -> None:
     pass
-
-
-def _digest(delivery: Delivery) -> bytes:
-    """Who a delivery is, across redeliveries (which get new delivery tags)."""
-    key = hashlib.blake2b(delivery.routing_key.encode(), digest_size=16)
-    key.update(delivery.body)
-    return key.digest()

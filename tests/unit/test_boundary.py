@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from coordinator.core import CoordinatorCore
 from coordinator.service import CoordinatorConfig, CoordinatorService
 from runtime import outages
-from runtime.driver import POISON_ATTEMPTS
 from runtime.memory import MemoryBroker
+from runtime.suspects import POISON_ATTEMPTS
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import (
