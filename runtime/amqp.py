@@ -33,12 +33,7 @@ from schemas.topology import (
     durable_queue_arguments,
 )
 
-__all__ = [
-    "AmqpChannel",
-    # exported only until twophase/fuzz.py imports it from runtime.errors, where it is defined
-    "BrokerUnavailable",
-    "Delivery",
-]
+__all__ = ["AmqpChannel", "Delivery"]
 
 log = logging.getLogger("twophase.amqp")
 

@@ -42,8 +42,9 @@ from psycopg import sql
 
 from coordinator.client import Client
 from runtime import config
-from runtime.amqp import AmqpChannel, BrokerUnavailable
+from runtime.amqp import AmqpChannel
 from runtime.driver import now_ms
+from runtime.errors import BrokerUnavailable
 from runtime.redaction import redact_url
 from schemas import topology
 from schemas.validation import COORDINATOR_ACCEPTS, PARTICIPANT_ACCEPTS
