@@ -1,4 +1,4 @@
-"""An explicit-state model checker for the two cores (ARCHITECTURE.md §7).
+"""An explicit-state model checker for the two cores (docs/architecture.md §7).
 
 The world is one ``CoordinatorCore``, a few ``ParticipantCore``s and what their drivers would do:
 
