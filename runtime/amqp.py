@@ -86,17 +86,25 @@ DROPPED_HEADERS_HEADER = "x-twophase-dropped-headers"
 
 def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, str]:
     """The headers of ``delivery``'s dead-letter copy: the reason (cut to 1,000 bytes), the
-    original routing key, and the original headers when they are small enough to travel."""
+    original routing key, and the original headers as far as they fit in 16 KiB, the smallest
+    first (ids, trace context); how many were left out is said in a header of its own."""
     raw = reason.encode("utf-8", errors="replace")[:_REASON_BYTES]
     headers = {
         ERROR_HEADER: raw.decode("utf-8", errors="ignore"),
         ORIGINAL_KEY_HEADER: delivery.routing_key[:_SHORTSTR_MAX],
     }
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in delivery.headers.items())
-    if size <= _KEPT_HEADER_BYTES:
-        return {**delivery.headers, **headers}
-    headers[DROPPED_HEADERS_HEADER] = f"{len(delivery.headers)} headers, {size} bytes"
-    return headers
+    sizes = {k: len(k.encode()) + len(v.encode()) for k, v in delivery.headers.items()}
+    kept: dict[str, str] = {}
+    budget = _KEPT_HEADER_BYTES
+    for key in sorted(sizes, key=sizes.__getitem__):
+        if sizes[key] > budget:
+            break
+        budget -= sizes[key]
+        kept[key] = delivery.headers[key]
+    if len(kept) < len(sizes):
+        dropped = len(sizes) - len(kept)
+        headers[DROPPED_HEADERS_HEADER] = f"{dropped} headers too large to keep"
+    return {**kept, **headers}
 
 
 def _header_str(value: Any) -> str:
