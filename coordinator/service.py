@@ -20,7 +20,7 @@ from coordinator.core import (
 from coordinator.log import DecisionLog
 from runtime import logs, outages, tracing
 from runtime.amqp import AmqpChannel
-from runtime.driver import BatchDriver, now_ms
+from runtime.driver import BatchDriver, build_or_close, now_ms
 from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
 from runtime.redaction import redact_url
@@ -69,23 +69,18 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         close what was opened. Nothing is served until :meth:`serve_forever`."""
         self.config = config
         self.metrics_server: MetricsServer | None = None
-        journal = DecisionLog(config.log_url)
-        channel: Any = None
-        try:
-            channel = (config.channel_factory or AmqpChannel)(
+        build_or_close(
+            DecisionLog(config.log_url),
+            lambda: (config.channel_factory or AmqpChannel)(
                 config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
-            )
-            channel.declare_queue(topology.COORDINATOR_QUEUE)
-            self.decision_log = journal
-            self._build(channel, journal)
-        except BaseException:
-            if channel is not None:
-                channel.close()
-            journal.close()
-            raise
+            ),
+            self._build,
+        )
 
     def _build(self, channel: Any, journal: DecisionLog) -> None:
         config = self.config
+        channel.declare_queue(topology.COORDINATOR_QUEUE)
+        self.decision_log = journal
         super().__init__(
             channel,
             journal,

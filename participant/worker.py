@@ -47,7 +47,7 @@ from participant.units import UnitOfWork, unit_of_work
 from runtime import config, logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.crashpoints import crashpoint
-from runtime.driver import BatchDriver
+from runtime.driver import BatchDriver, build_or_close
 from runtime.errors import UnknownOperation
 from runtime.heartbeat import HeartbeatSender
 from runtime.metrics import MetricsServer, ParticipantMetrics
@@ -201,18 +201,13 @@ class ParticipantWorker(BatchDriver[ParticipantRecord]):
         self.app = app
         self.resource = app.resource
         self.resource.bind(app.name)
-        journal = PrepareLog(app.log_url, app.name)
-        channel: Any = None
-        try:
-            channel = (app.channel_factory or AmqpChannel)(
+        build_or_close(
+            PrepareLog(app.log_url, app.name),
+            lambda: (app.channel_factory or AmqpChannel)(
                 app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
-            )
-            self._build(channel, journal)
-        except BaseException:
-            if channel is not None:
-                channel.close()
-            journal.close()
-            raise
+            ),
+            self._build,
+        )
 
     def _build(self, channel: Any, journal: PrepareLog) -> None:
         app = self.app

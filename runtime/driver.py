@@ -64,6 +64,7 @@ log = logging.getLogger("twophase.driver")
 
 
 R = TypeVar("R", bound=msgspec.Struct)
+J = TypeVar("J", bound=Journal[Any])
 
 
 def now_ms() -> int:
@@ -586,6 +587,22 @@ class BatchDriver(ABC, Generic[R]):
             self.run()
         finally:
             self.channel.close()
+
+
+def build_or_close(
+    journal: J, open_channel: Callable[[], Any], build: Callable[[Any, J], None]
+) -> None:
+    """Open the channel and ``build`` the service on it and ``journal``; if anything fails,
+    close both, so that a failed start leaves no connection behind."""
+    channel: Any = None
+    try:
+        channel = open_channel()
+        build(channel, journal)
+    except BaseException:
+        if channel is not None:
+            channel.close()
+        journal.close()
+        raise
 
 
 def _no_probe() -> None:

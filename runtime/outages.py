@@ -16,6 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -142,14 +143,16 @@ class Dependency:
     probe: Callable[[], None]
 
 
-_gauges: dict[int, Gauge] = {}
+#: one gauge per registry, as runtime.metrics keeps its families: keyed weakly, since the id of
+#: a registry that is gone may come back as another's
+_gauges: weakref.WeakKeyDictionary[CollectorRegistry, Gauge] = weakref.WeakKeyDictionary()
 _gauges_lock = threading.Lock()
 
 
 def _gauge(registry: CollectorRegistry | None) -> Gauge:
     target = registry if registry is not None else REGISTRY
     with _gauges_lock:
-        gauge = _gauges.get(id(target))
+        gauge = _gauges.get(target)
         if gauge is None:
             gauge = Gauge(
                 "twophase_dependency_up",
@@ -157,7 +160,7 @@ def _gauge(registry: CollectorRegistry | None) -> Gauge:
                 ["dependency"],
                 registry=target,
             )
-            _gauges[id(target)] = gauge
+            _gauges[target] = gauge
         return gauge
 
 
