@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from runtime import config, logs, outages, store
 from runtime.errors import BrokerUnavailable, ConfigurationError, ResourceError
 from runtime.redaction import redact_url
-from twophase import admin_cli
+from twophase import admin_cli, keys_cli
 from twophase.apps import load_app
 
 Command = Callable[[argparse.Namespace], int]
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
 
     admin_cli.add_parser(sub)
+    keys_cli.add_parser(sub)
     return parser
 
 

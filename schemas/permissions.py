@@ -1,0 +1,219 @@
+"""Who may send what to whom: identities, the authentication headers and the permission table.
+
+Pure contract (docs/architecture.md §11): the keys and the signatures themselves are in
+:mod:`runtime.auth`, which needs ``cryptography``; what a signature must prove, and which sender
+may send which message kind to which queue, is decided here, so that a participant written in
+another language can read it off one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Any
+
+from schemas import topology
+from schemas.messages import (
+    Abort,
+    Ack,
+    Begin,
+    Commit,
+    Envelope,
+    Heartbeat,
+    Inquire,
+    Message,
+    Outcome,
+    Prepare,
+    Protocol,
+    StatusQuery,
+    Vote,
+)
+from schemas.validation import CLIENT_ACCEPTS, COORDINATOR_ACCEPTS, PARTICIPANT_ACCEPTS
+
+#: AMQP headers of a signed message; the signature covers the first three, the recipient queue
+#: and the SHA-256 of the body (runtime.auth.signed_data)
+SENDER_HEADER = "x-twophase-sender"
+KEY_ID_HEADER = "x-twophase-key-id"
+KINDS_HEADER = "x-twophase-kinds"
+SIGNATURE_HEADER = "x-twophase-signature"
+AUTH_HEADERS = (SENDER_HEADER, KEY_ID_HEADER, KINDS_HEADER, SIGNATURE_HEADER)
+
+#: the three reasons a message is refused for (the dead-letter header says one of them)
+BAD_SIGNATURE = "bad signature"
+UNKNOWN_KEY = "unknown key"
+NOT_PERMITTED = "sender may not send this"
+
+#: a client name: a participant name without "." (the client owns "twophase.client.NAME" and
+#: "twophase.client.NAME.*", so a "." would let "web" own "web.admin"'s queues); at most 64
+#: characters, so that NAME + "." + a 32-digit instance id still fits a reply_to (100)
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class Role(enum.Enum):
+    COORDINATOR = "coordinator"
+    PARTICIPANT = "participant"
+    CLIENT = "client"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Identity:
+    """A sender: ``coordinator``, ``participant:NAME`` or ``client:NAME`` as text."""
+
+    role: Role
+    #: the participant's or client's name; "" for the coordinator (there is one)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        problem = _name_problem(self.role, self.name)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def __str__(self) -> str:
+        return (
+            self.role.value if self.role is Role.COORDINATOR else f"{self.role.value}:{self.name}"
+        )
+
+    @property
+    def file_stem(self) -> str:
+        """The identity in a file name: ``coordinator``, ``participant-NAME``, ``client-NAME``."""
+        return str(self).replace(":", "-", 1)
+
+    @classmethod
+    def parse(cls, text: str) -> Identity:
+        """ValueError, one line, for anything but ``coordinator``, ``participant:NAME`` or
+        ``client:NAME`` with a valid name."""
+        role_text, _, name = text.partition(":")
+        try:
+            role = Role(role_text)
+        except ValueError:
+            raise ValueError(
+                f"{_shown(text)} is not an identity: coordinator, participant:NAME or client:NAME"
+            ) from None
+        if role is Role.COORDINATOR and text != "coordinator":
+            raise ValueError(f"{_shown(text)} is not an identity: the coordinator has no name")
+        return cls(role, name)
+
+
+def _name_problem(role: Role, name: str) -> str | None:
+    if role is Role.COORDINATOR:
+        return None if name == "" else "the coordinator has no name"
+    if role is Role.PARTICIPANT:
+        if topology.is_valid_participant_name(name):
+            return None
+        return f"invalid participant name {_shown(name)}"
+    if _CLIENT_NAME.fullmatch(name) is not None:
+        return None
+    return f"invalid client name {_shown(name)}: letters, digits, '_' or '-', at most 64, no '.'"
+
+
+def _shown(value: str) -> str:
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
+COORDINATOR = Identity(Role.COORDINATOR)
+
+
+def participant(name: str) -> Identity:
+    return Identity(Role.PARTICIPANT, name)
+
+
+def client(name: str) -> Identity:
+    return Identity(Role.CLIENT, name)
+
+
+# ---- queues ----------------------------------------------------------------------------------
+
+
+def queue_owner(queue: str) -> tuple[Role, str] | None:
+    """Whose queue ``queue`` is: (role, participant name or client id), or None for a queue
+    that is none of the protocol's."""
+    if queue == topology.COORDINATOR_QUEUE:
+        return Role.COORDINATOR, ""
+    for role, prefix in (
+        (Role.PARTICIPANT, topology.PARTICIPANT_QUEUE_PREFIX),
+        (Role.CLIENT, topology.CLIENT_QUEUE_PREFIX),
+    ):
+        if queue.startswith(prefix) and len(queue) > len(prefix):
+            return role, queue[len(prefix) :]
+    return None
+
+
+def client_owns_queue(name: str, queue: str) -> bool:
+    """Whether client ``name``'s key may have replies sent to ``queue``: its own reply queue,
+    ``twophase.client.NAME``, or one per instance, ``twophase.client.NAME.ID``."""
+    own = topology.client_queue(name)
+    return queue == own or queue.startswith(own + ".")
+
+
+# ---- message kinds ---------------------------------------------------------------------------
+
+
+def kind_of(message_type: type[Any]) -> str:
+    """The wire tag of a protocol message type (``prepare``, ``vote``, ...)."""
+    tag = message_type.__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def protocol_messages(message: Message) -> tuple[Protocol, ...]:
+    """The protocol messages one AMQP message carries, in order (an envelope's, or itself)."""
+    if isinstance(message, Envelope):
+        return tuple(item.message for item in message.messages)
+    return (message,)
+
+
+def kinds_text(message: Message) -> str:
+    """The value of ``x-twophase-kinds`` for ``message``: its protocol messages' kinds, sorted,
+    each once, comma-separated (an envelope of PREPAREs and COMMITs: ``commit,prepare``)."""
+    return ",".join(sorted({kind_of(type(m)) for m in protocol_messages(message)}))
+
+
+# ---- the permission table --------------------------------------------------------------------
+
+#: (sender's role, role of the recipient queue's owner, message type): every row that may be
+#: sent; anything else is refused with NOT_PERMITTED
+PERMISSIONS: frozenset[tuple[Role, Role, type[Any]]] = frozenset(
+    {
+        (Role.COORDINATOR, Role.PARTICIPANT, Prepare),
+        (Role.COORDINATOR, Role.PARTICIPANT, Commit),
+        (Role.COORDINATOR, Role.PARTICIPANT, Abort),
+        (Role.COORDINATOR, Role.CLIENT, Outcome),
+        (Role.PARTICIPANT, Role.COORDINATOR, Vote),
+        (Role.PARTICIPANT, Role.COORDINATOR, Ack),
+        (Role.PARTICIPANT, Role.COORDINATOR, Inquire),
+        (Role.PARTICIPANT, Role.COORDINATOR, Heartbeat),
+        (Role.CLIENT, Role.COORDINATOR, Begin),
+        (Role.CLIENT, Role.COORDINATOR, StatusQuery),
+    }
+)
+
+#: what each role's queue takes (schemas.validation); PERMISSIONS grants nothing outside it
+ACCEPTS: dict[Role, tuple[type[Any], ...]] = {
+    Role.COORDINATOR: COORDINATOR_ACCEPTS,
+    Role.PARTICIPANT: PARTICIPANT_ACCEPTS,
+    Role.CLIENT: CLIENT_ACCEPTS,
+}
+
+
+def permission_problem(sender: Identity, queue: str, message: Protocol) -> str | None:
+    """Why ``sender`` may not send ``message`` to ``queue`` (one line), or None if it may."""
+    kind = type(message)
+    owner = queue_owner(queue)
+    if owner is None:
+        return f"{_shown(queue)} is no protocol queue"
+    recipient, _ = owner
+    if (sender.role, recipient, kind) not in PERMISSIONS:
+        return f"{sender} may not send a {kind_of(kind)} to {recipient.value} queue {_shown(queue)}"
+    if sender.role is Role.PARTICIPANT:
+        named = getattr(message, "participant", None)
+        if named != sender.name:
+            return f"{sender} may not send a {kind_of(kind)} for participant {named!r}"
+    elif sender.role is Role.CLIENT:
+        reply_to = getattr(message, "reply_to", "")
+        if not client_owns_queue(sender.name, reply_to):
+            return (
+                f"{sender} may not ask for replies in {_shown(reply_to)} "
+                f"(its queues are {topology.client_queue(sender.name)}[.ID])"
+            )
+    return None
