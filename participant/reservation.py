@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from participant import resources
 from participant.operations import OperationSpec, Refuse
 from participant.resources import Branch, Finish
-from runtime import pgpipe
+from runtime import pgbatch
 from runtime.errors import ConfigurationError, ResourceError
 from runtime.redaction import redact_url
 from runtime.store import (
@@ -58,7 +58,7 @@ def _create_engine(url: str) -> sa.Engine:
     try:
         parsed = sa.make_url(database_url(url, any_dialect=True))
         if parsed.get_backend_name() == "postgresql":
-            return pgpipe.create_engine(parsed, connect_args=pg_connect_args(parsed))
+            return pgbatch.create_engine(parsed, connect_args=pg_connect_args(parsed))
         return sa.create_engine(parsed)
     except (ConfigurationError, sa.exc.ArgumentError, ValueError, ImportError) as exc:
         problem = redact_url(" ".join(str(exc).split())) or type(exc).__name__
@@ -140,7 +140,7 @@ def _attempt_in(unit: sa.Connection) -> Iterator[sa.Transaction]:
     unit.info[_UNIT_HAS_WORK] = True
 
 
-#: On PostgreSQL the hot statements go through psycopg directly (see :mod:`runtime.pgpipe`):
+#: On PostgreSQL the hot statements go through psycopg directly (see :mod:`runtime.pgbatch`):
 #: the first of a transaction carries its BEGIN, and the reservations are written with the
 #: batch's COMMIT.
 _PG_STATES = (
@@ -181,8 +181,8 @@ class _Decided(NamedTuple):
 def _settle_deferred(unit: sa.Connection) -> None:
     """Send the unit's deferred writes before an attempt that may be undone alone: written
     inside its savepoint, a rollback of the attempt would take them along."""
-    if pgpipe.is_postgres(unit):
-        pgpipe.flush(unit)
+    if pgbatch.is_postgres(unit):
+        pgbatch.flush(unit)
 
 
 @functools.cache
@@ -192,13 +192,13 @@ def _statements(dialect: str) -> _Statements:
 
 def _insert_reservations(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` in ``conn``'s transaction (on PostgreSQL with its commit)."""
-    if not pgpipe.is_postgres(conn):
+    if not pgbatch.is_postgres(conn):
         conn.execute(sa.insert(_reservations), rows)
         return
     columns = {"participant": "text", "tx_id": "text", "operation": "text"}
     columns |= {"state": "text", "args": "text"}
     values = [tuple(row[c] for c in columns) for row in rows]
-    pgpipe.defer(conn, pgpipe.insert_rows("twophase_reservation", columns, values))
+    pgbatch.defer(conn, pgbatch.insert_rows("twophase_reservation", columns, values))
 
 
 class ReservationResource:
@@ -353,11 +353,11 @@ class ReservationResource:
 
     def _states(self, conn: sa.Connection, tx_ids: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
-        postgres, query = pgpipe.is_postgres(conn), _statements(conn.dialect.name).states
+        postgres, query = pgbatch.is_postgres(conn), _statements(conn.dialect.name).states
         for start in range(0, len(tx_ids), 500):
             chunk = tx_ids[start : start + 500]
             if postgres:
-                found.update(pgpipe.fetch(conn, _PG_STATES, (self._bound(), chunk)))
+                found.update(pgbatch.fetch(conn, _PG_STATES, (self._bound(), chunk)))
                 continue
             params = {"of_participant": self._bound(), "tx_ids": chunk}
             found.update({row.tx_id: row.state for row in conn.execute(query, params)})
@@ -480,7 +480,7 @@ class ReservationResource:
         conn = self._engine.connect()
         conn.begin()
         conn.info[_UNIT_HAS_WORK] = False
-        pgpipe.discard(conn)  # nothing of an earlier unit on this connection is sent
+        pgbatch.discard(conn)  # nothing of an earlier unit on this connection is sent
         return conn
 
     def _finish_optimistically(self, conn: sa.Connection, branches: Sequence[Finish]) -> None:
@@ -517,8 +517,8 @@ class ReservationResource:
         self, conn: sa.Connection, ids: list[str], outcome: str
     ) -> dict[str, _Decided]:
         """Move the prepared ones of ``ids`` to ``outcome``: what each changed row held."""
-        if pgpipe.is_postgres(conn):
-            rows = pgpipe.fetch(conn, _PG_DECIDE, (outcome, self._bound(), ids))
+        if pgbatch.is_postgres(conn):
+            rows = pgbatch.fetch(conn, _PG_DECIDE, (outcome, self._bound(), ids))
             return {row[0]: _Decided(*row) for row in rows}
         params = {"of_participant": self._bound(), "tx_ids": ids, "new_state": outcome}
         return {

@@ -24,7 +24,7 @@ Choices made here (the architecture leaves them open):
   cannot work (a database that does not exist, a role refused) from a server that is down.
 * :class:`RecordLog` writes each batch in one transaction (group commit). On PostgreSQL the
   batch is one ``INSERT ... SELECT FROM unnest(...)`` sent with its BEGIN and COMMIT in one
-  round trip (:mod:`runtime.pgpipe`), and the look-up by ``tx_id`` is one query in autocommit.
+  round trip (:mod:`runtime.pgbatch`), and the look-up by ``tx_id`` is one query in autocommit.
   ``seq`` and ``written_at`` are assigned by the log, whatever the given rows carry. Every
   write is a plain INSERT or DELETE, so SQLite writers never upgrade a read lock.
 """
@@ -46,7 +46,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, make_url
 
-from runtime import outages, pgpipe
+from runtime import outages, pgbatch
 from runtime.errors import ConfigurationError, LogMissing
 from runtime.redaction import redact_url
 
@@ -133,8 +133,8 @@ def in_ids(
 
 def commit(conn: sa.Connection) -> None:
     """Commit ``conn``'s transaction; on PostgreSQL with its deferred writes in one round trip."""
-    if pgpipe.is_postgres(conn):
-        pgpipe.commit(conn)
+    if pgbatch.is_postgres(conn):
+        pgbatch.commit(conn)
     else:
         conn.commit()
 
@@ -244,7 +244,7 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(parsed)
         sqlite_setup(engine)
         return engine
-    return pgpipe.create_engine(parsed, pool_size=5, connect_args=pg_connect_args(parsed))
+    return pgbatch.create_engine(parsed, pool_size=5, connect_args=pg_connect_args(parsed))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -419,7 +419,7 @@ class RecordLog:
 
     def append_in(self, conn: sa.Connection, rows: Sequence[LogRow]) -> None:
         """Write ``rows`` in ``conn``'s open transaction, which the caller then commits (on
-        PostgreSQL the INSERT is deferred to the commit: see :mod:`runtime.pgpipe`).
+        PostgreSQL the INSERT is deferred to the commit: see :mod:`runtime.pgbatch`).
 
         For a participant whose resource lives in the same database: its branches and their
         records become durable in one commit. A failed commit loses both, never one of them.
@@ -438,15 +438,15 @@ class RecordLog:
 
     def _write(self, conn: sa.Connection, params: list[dict[str, Any]]) -> None:
         """Insert ``params`` in ``conn``'s transaction: on PostgreSQL deferred to its commit."""
-        if not pgpipe.is_postgres(conn):
+        if not pgbatch.is_postgres(conn):
             conn.execute(sa.insert(self.table), params)
             return
-        statement = pgpipe.insert_rows(
+        statement = pgbatch.insert_rows(
             conn.dialect.identifier_preparer.format_table(self.table),
             {"tx_id": "text", "kind": "text", "body": "bytea", "written_at": "float8"},
             [(p["tx_id"], p["kind"], p["body"], p["written_at"]) for p in params],
         )
-        pgpipe.defer(conn, statement)
+        pgbatch.defer(conn, statement)
 
     @staticmethod
     def _row(record: Sequence[Any]) -> LogRow:
@@ -478,14 +478,14 @@ class RecordLog:
         return found
 
     def _rows_of(self, conn: sa.Connection, tx_ids: list[str]) -> Iterable[Sequence[Any]]:
-        if not pgpipe.is_postgres(conn):
+        if not pgbatch.is_postgres(conn):
             return conn.execute(self._rows_for(conn), {"ids": tx_ids})
         table = conn.dialect.identifier_preparer.format_table(self.table)
         sql = (
             f"SELECT seq, tx_id, kind, body, written_at FROM {table}"
             " WHERE tx_id = ANY(%s) ORDER BY seq"
         )
-        return pgpipe.read(conn, sql, (tx_ids,))
+        return pgbatch.read(conn, sql, (tx_ids,))
 
     def unfinished(self, finished_kinds: Collection[str]) -> dict[str, list[LogRow]]:
         """All rows of every tx id that has no row whose kind is in ``finished_kinds``.

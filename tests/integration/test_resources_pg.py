@@ -22,7 +22,7 @@ from psycopg import sql
 from participant.operations import OperationSpec, Refuse
 from participant.reservation import ReservationResource
 from participant.resources import PostgresResource, Resource, check_max_prepared_transactions
-from runtime import pgpipe, store
+from runtime import pgbatch, store
 from runtime.errors import ResourceError
 from runtime.redaction import redact_url
 
@@ -487,7 +487,7 @@ def test_a_unit_whose_pipelined_commit_fails_leaves_nothing(bank: Bank) -> None:
     unit = res.begin_unit()
     branch = ("lost", bank.debit, {"hold": "lost", "account": "alice", "amount": 3})
     assert res.prepare_many_in(unit, [branch]) == [None]
-    pgpipe.defer(unit, ("SELECT 1 / 0", ()))  # stands for a log insert the server refuses
+    pgbatch.defer(unit, ("SELECT 1 / 0", ()))  # stands for a log insert the server refuses
     with pytest.raises(sa.exc.DBAPIError, match="division by zero"):
         store.commit(unit)
     unit.close()
