@@ -21,6 +21,9 @@ TWOPHASE_MAX_TIMEOUT           a transaction's vote timeout, seconds (600)
 TWOPHASE_MAX_TX_ID_LENGTH      characters of a tx_id, 1 to 88 (64)
 TWOPHASE_PARTICIPANTS          coordinator: participant names, comma-separated, whose liveness
                                is reported from the start (others once they take part)
+TWOPHASE_KEY_FILE              this process's secret key, mode 0600 (runtime.auth.load_auth;
+                               made by `twophase keys init`)
+TWOPHASE_KEYRING               directory of the public keys of the peers it accepts
 =============================  ==========================================================
 
 The ``TWOPHASE_MAX_*`` limits (:func:`limits`) must be the same in every process of a deployment,

@@ -48,6 +48,8 @@ NOT_PERMITTED = "sender may not send this"
 #: "twophase.client.NAME.*", so a "." would let "web" own "web.admin"'s queues); at most 64
 #: characters, so that NAME + "." + a 32-digit instance id still fits a reply_to (100)
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+#: a client instance's id in its reply queue: with the name, it fits a reply_to (100)
+_CLIENT_INSTANCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,34}")
 
 
 class Role(enum.Enum):
@@ -144,6 +146,16 @@ def client_owns_queue(name: str, queue: str) -> bool:
     ``twophase.client.NAME``, or one per instance, ``twophase.client.NAME.ID``."""
     own = topology.client_queue(name)
     return queue == own or queue.startswith(own + ".")
+
+
+def client_reply_queue(name: str, instance: str) -> str:
+    """The reply queue of one instance of client ``name`` (a ``Client``): ``instance`` is unique
+    per instance, a uuid4's hex say; the queue is one that client ``name``'s key owns."""
+    if _CLIENT_INSTANCE.fullmatch(instance) is None:
+        raise ValueError(
+            f"invalid client instance id {_shown(instance)}: letters, digits, _ or -, at most 35"
+        )
+    return topology.client_queue(f"{client(name).name}.{instance}")
 
 
 # ---- message kinds ---------------------------------------------------------------------------

@@ -12,13 +12,14 @@ import base64
 import itertools
 from collections.abc import Mapping
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime import auth
 from runtime.auth import Keyring, Refusal, SigningKey, Verified
-from schemas import permissions, topology
+from schemas import permissions, topology, validation
 from schemas.codec import decode_message, encode
 from schemas.messages import (
     Abort,
@@ -427,3 +428,41 @@ def test_nothing_may_be_sent_to_a_queue_of_no_one() -> None:
         COORDINATOR, "twophase.dead-letter", message_for("commit", COORDINATOR)
     )
     assert problem is not None and "no protocol queue" in problem
+
+
+def test_a_client_instance_reply_queue_is_owned_by_its_client() -> None:
+    queue = permissions.client_reply_queue("web", "0" * 32)
+    assert queue == topology.client_queue("web." + "0" * 32)
+    assert permissions.client_owns_queue("web", queue)
+    assert not permissions.client_owns_queue("other", queue)
+    begin = message_for("begin", WEB)
+    longest = permissions.client_reply_queue("w" * 64, "i" * 35)
+    assert validation.check(msgspec.structs.replace(begin, reply_to=longest), 0) is not None
+    for name, instance in (("web", ""), ("web", "a.b"), ("web", "i" * 36), ("a.b", "1")):
+        with pytest.raises(ValueError):
+            permissions.client_reply_queue(name, instance)
+
+
+header_values = st.one_of(st.text(max_size=100), st.binary(max_size=20), st.integers(), st.none())
+
+
+@given(
+    body=st.binary(max_size=200),
+    headers=st.dictionaries(
+        st.sampled_from([*permissions.AUTH_HEADERS, "traceparent", "x"]), header_values
+    ),
+    keep=st.sets(st.sampled_from(permissions.AUTH_HEADERS)),
+)
+def test_hostile_headers_are_refused_and_never_raise(
+    body: bytes, headers: dict[str, object], keep: set[str]
+) -> None:
+    """The first thing a hostile message meets: whatever its headers, a Refusal, not an error
+    (some taken from a real signature, so that lookups and base64 succeed now and then)."""
+    real = KEYS[BANK_A].sign(b"real", COORDINATOR_Q, "vote")
+    mixed = {**headers, **{name: real[name] for name in keep}}
+    result = KEYRING.verify(body, mixed, COORDINATOR_Q)
+    if body == b"real" and all(mixed.get(n) == real[n] for n in permissions.AUTH_HEADERS):
+        assert isinstance(result, Verified)
+    else:
+        assert isinstance(result, Refusal)
+        assert result.reason in (BAD_SIGNATURE, UNKNOWN_KEY)
