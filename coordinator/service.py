@@ -1,7 +1,9 @@
-"""The coordinator service: the batch driver around ``CoordinatorCore``."""
+"""The coordinator service: a batch driver given the coordinator's side (``CoordinatorCore``
+and the decision log) and, when tracing or metrics are on, its observer (runtime.seams)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +14,8 @@ from prometheus_client import CollectorRegistry
 from coordinator.core import (
     CoordinatorCore,
     CoordinatorSettings,
+    Effect,
+    Event,
     HistoryLoaded,
     LookUp,
     Recovered,
@@ -20,10 +24,11 @@ from coordinator.core import (
 from coordinator.log import DecisionLog
 from runtime import logs, outages, tracing
 from runtime.amqp import AmqpChannel
-from runtime.driver import BatchDriver, build_or_close, now_ms
+from runtime.driver import BatchDriver, DriverStats, build_or_close, now_ms
 from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
 from runtime.redaction import redact_url
+from runtime.seams import plain_headers
 from runtime.tracing_spans import CoordinatorTrace
 from schemas import topology
 from schemas.effects import Send
@@ -61,72 +66,46 @@ class CoordinatorConfig:
     participants: tuple[str, ...] = ()
 
 
-class CoordinatorService(BatchDriver[CoordinatorRecord]):
-    side = "coordinator"
+class CoordinatorSide:
+    """The coordinator's part of its driver (``runtime.seams.Side``): the core, the decision
+    log, and the look-ups that the core asks for."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
-        """Connect to the log and the broker and rebuild the state from the log; on any failure,
-        close what was opened. Nothing is served until :meth:`serve_forever`."""
-        self.config = config
-        self.metrics_server: MetricsServer | None = None
-        build_or_close(
-            DecisionLog(config.log_url),
-            lambda: (config.channel_factory or AmqpChannel)(
-                config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
-            ),
-            self._build,
-        )
-
-    def _build(self, channel: Any, journal: DecisionLog) -> None:
-        config = self.config
-        channel.declare_queue(topology.COORDINATOR_QUEUE)
-        self.decision_log = journal
-        super().__init__(
-            channel,
-            journal,
-            queue=topology.COORDINATOR_QUEUE,
-            max_batch=config.prefetch,
-            limits=config.limits,
-            accepts=COORDINATOR_ACCEPTS,
-        )
-        self.core = CoordinatorCore(config.settings, started_ms=now_ms())
-        #: participants that took part in a transaction: only these get metric series, so
-        #: heartbeats with made-up names cannot grow the metrics without bound
-        self.known_participants: set[str] = set(config.participants)
+    def __init__(self, settings: CoordinatorSettings, decision_log: DecisionLog) -> None:
+        self.settings = settings
+        self.decision_log = decision_log
+        self.core = CoordinatorCore(settings, started_ms=now_ms())
         self._lookups: list[str] = []
-        self.retention_s = config.retention_s
-        self.every(60.0, self._collect_garbage)
-        tracing.setup_from_env("twophase-coordinator")
-        self.trace: CoordinatorTrace | None = CoordinatorTrace() if tracing.ENABLED else None
-        self.metrics: CoordinatorMetrics | None = None
-        if config.metrics_port or config.metrics_registry is not None:
-            self.metrics = CoordinatorMetrics(config.metrics_registry)
-            self.every(0.5, self._refresh_metrics)
-        self.observing = self.trace is not None or self.metrics is not None
-        self.recover()
 
-    def _serve_metrics(self) -> None:
-        config = self.config
-        if not config.metrics_port:
-            return
-        try:
-            self.metrics_server = MetricsServer(config.metrics_port, config.metrics_registry)
-        except ConfigurationError as exc:
-            if not config.metrics_best_effort:
-                raise
-            log.warning("no metrics endpoint: %s", exc)
+    def handle(self, event: Event, now: int) -> Sequence[Effect]:
+        return self.core.handle(event, now)
 
-    def dependencies(self) -> list[outages.Dependency]:
-        return [outages.Dependency("log", self.config.log_url, self.decision_log.log.probe)]
+    def perform(self, effect: LookUp, now: int) -> Iterable[Event]:
+        self._lookups.append(effect.tx_id)
+        return ()
 
-    def metrics_registry(self) -> CollectorRegistry | None:
-        return self.config.metrics_registry
+    def settle(self, now: int, unflushed: Sequence[CoordinatorRecord]) -> Iterable[Event]:
+        """Answer the batch's look-ups with one query (plus what this batch has not flushed)."""
+        if not self._lookups:
+            return ()
+        tx_ids, self._lookups = self._lookups, []
+        found = self.decision_log.history(tx_ids)
+        return [
+            HistoryLoaded(tx_id, found.get(tx_id, []) + [r for r in unflushed if r.tx_id == tx_id])
+            for tx_id in tx_ids
+        ]
+
+    def write_records(self, records: list[CoordinatorRecord]) -> None:
+        if records:
+            self.decision_log.append(records)
+
+    def abandon(self) -> None:
+        """Nothing is staged outside the driver: the records of a failed batch are dropped."""
 
     def reset(self) -> None:
-        self.core = CoordinatorCore(self.config.settings, started_ms=now_ms())
+        self.core = CoordinatorCore(self.settings, started_ms=now_ms())
         self._lookups = []
 
-    def recover(self) -> None:
+    def recover(self) -> list[Event]:
         """Rebuild the core from the log: COMMIT without END is re-sent; no decision aborts."""
         unfinished = self.decision_log.unfinished_transactions()
         if unfinished:
@@ -138,40 +117,39 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
                 type(records[-1]).__name__,
                 extra=logs.tx(tx_id, begun.traceparent if begun else ""),
             )
-        self._inject(Recovered(unfinished))
+        return [Recovered(unfinished)]
 
-    def _collect_garbage(self, now: int) -> None:
-        cutoff = now / 1000 - self.retention_s
+    def reconnected(self, now: int) -> None:
+        # Heartbeats sent while we were cut off never reached us.
+        self.core.listening_again(now)
+
+    def on_unroutable(self, send: Send) -> list[Event]:
+        if isinstance(send.message, Prepare):
+            return [Unroutable(send.message.tx_id, send.message.participant)]
+        return []
+
+    def collect_garbage(self, now: int, retention_s: float) -> None:
+        cutoff = now / 1000 - retention_s
         pruned = self.decision_log.log.prune_finished_before(COORDINATOR_FINISHED_KINDS, cutoff)
         if pruned:
             log.info("pruned %d log records of transactions finished before the retention", pruned)
 
-    def _inject(self, event: Any) -> None:
-        self._injected.append(event)
 
-    def handle(self, event: Any, now: int) -> Sequence[Any]:
-        return self.core.handle(event, now)
+class CoordinatorObserver:
+    """Tracing and metrics of the coordinator (``runtime.seams.Observer``)."""
 
-    def perform(self, effect: Any, now: int) -> Iterable[Any]:
-        if isinstance(effect, LookUp):
-            self._lookups.append(effect.tx_id)
-            return ()
-        return super().perform(effect, now)
+    def __init__(
+        self,
+        trace: CoordinatorTrace | None,
+        metrics: CoordinatorMetrics | None,
+        known_participants: set[str],
+    ) -> None:
+        self.trace, self.metrics = trace, metrics
+        #: participants that took part in a transaction: only these get metric series, so
+        #: heartbeats with made-up names cannot grow the metrics without bound
+        self.known_participants = known_participants
 
-    def settle(self, now: int) -> Iterable[Any]:
-        """Answer the batch's look-ups with one query (plus what this batch has not flushed)."""
-        if not self._lookups:
-            return ()
-        tx_ids, self._lookups = self._lookups, []
-        found = self.decision_log.history(tx_ids)
-        return [
-            HistoryLoaded(tx_id, found.get(tx_id, []) + self.pending_records(tx_id))
-            for tx_id in tx_ids
-        ]
-
-    # ---- observation: tracing and metrics ------------------------------------------------------
-
-    def on_incoming(self, event: Any, now: int) -> None:
+    def on_incoming(self, event: Event, now: int) -> None:
         if isinstance(event, Recovered):
             if self.trace is not None:
                 self.trace.recovered(event.unfinished)
@@ -180,41 +158,196 @@ class CoordinatorService(BatchDriver[CoordinatorRecord]):
         elif self.trace is not None:
             self.trace.on_incoming(event)
 
-    def on_effect(self, effect: Any, now: int) -> None:
-        super().on_effect(effect, now)
+    def on_effect(self, effect: Effect, now: int) -> None:
+        if self.trace is not None:
+            self.trace.on_effect(effect)
+        if self.metrics is not None:
+            self.metrics.on_effect(effect, now)
         message = effect.message if isinstance(effect, Send) else None
         known = self.known_participants
         if isinstance(message, Prepare) and len(known) < _KNOWN_PARTICIPANTS_MAX:
             known.add(message.participant)
 
-    def _refresh_metrics(self, now: int) -> None:
+    def headers_for(self, send: Send) -> dict[str, str] | None:
+        if self.trace is not None:
+            return self.trace.headers_for(send)
+        return plain_headers(send)
+
+    def on_flushed(self, records: Sequence[CoordinatorRecord], started_ns: int) -> None:
+        if self.trace is not None:
+            self.trace.on_flushed(records, started_ns)
         if self.metrics is not None:
+            self.metrics.on_flushed(records, started_ns)
+
+    def on_batch_end(self, messages: int) -> None:
+        if self.trace is not None:
+            self.trace.on_batch_end()
+        if self.metrics is not None:
+            self.metrics.on_batch_end(messages)
+
+    def dead_lettered(self, queue: str, category: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dead_lettered(queue, category)
+
+
+class CoordinatorService:
+    """The coordinator process: its driver, side and observer. :meth:`connect` builds one
+    (configure, connect, recover); :meth:`serve_forever` serves it and closes everything."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        driver: BatchDriver[Event, LookUp, CoordinatorRecord],
+        side: CoordinatorSide,
+        observer: CoordinatorObserver | None,
+    ) -> None:
+        """Only assembles: :meth:`connect` does the I/O."""
+        self.config = config
+        self.driver = driver
+        self.side = side
+        self.observer = observer
+
+    @classmethod
+    def connect(cls, config: CoordinatorConfig) -> CoordinatorService:
+        """Open the decision log, connect to the broker and rebuild the state from the log; on
+        any failure, close what was opened. Nothing is served until :meth:`serve_forever`."""
+        return build_or_close(
+            DecisionLog(config.log_url),
+            lambda: (config.channel_factory or AmqpChannel)(
+                config.amqp_url, prefetch=config.prefetch, connection_name="twophase-coordinator"
+            ),
+            lambda channel, journal: cls._assemble(config, channel, journal),
+        )
+
+    @classmethod
+    def _assemble(
+        cls, config: CoordinatorConfig, channel: AmqpChannel, journal: DecisionLog
+    ) -> CoordinatorService:
+        channel.declare_queue(topology.COORDINATOR_QUEUE)
+        side = CoordinatorSide(config.settings, journal)
+        tracing.setup_from_env("twophase-coordinator")
+        trace = CoordinatorTrace() if tracing.ENABLED else None
+        metrics = None
+        if config.metrics_port or config.metrics_registry is not None:
+            metrics = CoordinatorMetrics(config.metrics_registry)
+        observer = None
+        if trace is not None or metrics is not None:
+            observer = CoordinatorObserver(trace, metrics, set(config.participants))
+        watch = outages.DependencyWatch(
+            "coordinator",
+            [outages.Dependency("log", config.log_url, journal.log.probe)],
+            config.metrics_registry,
+        )
+        driver = BatchDriver(
+            channel,
+            journal,
+            side,
+            name="coordinator",
+            role="coordinator",
+            queue=topology.COORDINATOR_QUEUE,
+            watch=watch,
+            observer=observer,
+            max_batch=config.prefetch,
+            limits=config.limits,
+            accepts=COORDINATOR_ACCEPTS,
+        )
+        service = cls(config, driver, side, observer)
+        driver.every(60.0, lambda now: side.collect_garbage(now, config.retention_s))
+        if metrics is not None:
+            driver.every(0.5, service._refresh_metrics)
+        driver.recover()
+        return service
+
+    # ---- what tests and tools look at ------------------------------------------------------
+
+    @property
+    def core(self) -> CoordinatorCore:
+        return self.side.core
+
+    @property
+    def decision_log(self) -> DecisionLog:
+        return self.side.decision_log
+
+    @property
+    def trace(self) -> CoordinatorTrace | None:
+        return self.observer.trace if self.observer is not None else None
+
+    @property
+    def metrics(self) -> CoordinatorMetrics | None:
+        return self.observer.metrics if self.observer is not None else None
+
+    @property
+    def observing(self) -> bool:
+        return self.driver.observing
+
+    @property
+    def channel(self) -> AmqpChannel:
+        return self.driver.channel
+
+    @property
+    def queue(self) -> str:
+        return self.driver.queue
+
+    @property
+    def journal(self) -> DecisionLog:
+        return self.side.decision_log
+
+    @property
+    def limits(self) -> Limits:
+        return self.driver.limits
+
+    @property
+    def stats(self) -> DriverStats:
+        return self.driver.stats
+
+    @property
+    def watch(self) -> outages.DependencyWatch:
+        return self.driver.watch
+
+    def turn(self) -> None:
+        self.driver.turn()
+
+    def step(self) -> None:
+        self.driver.step()
+
+    def stop(self) -> None:
+        self.driver.stop()
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def _refresh_metrics(self, now: int) -> None:
+        observer = self.observer
+        if observer is not None and observer.metrics is not None:
             core = self.core
             up = {
                 p: core.participant_status(p, now) == "up"
                 for p in list(core.liveness)
-                if p in self.known_participants
+                if p in observer.known_participants
             }
-            self.metrics.refresh(len(core.in_doubt()), up)
+            observer.metrics.refresh(len(core.in_doubt()), up)
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        config = self.config
+        if not config.metrics_port:
+            return None
+        try:
+            return MetricsServer(config.metrics_port, config.metrics_registry)
+        except ConfigurationError as exc:
+            if not config.metrics_best_effort:
+                raise
+            log.warning("no metrics endpoint: %s", exc)
+            return None
 
     def serve_forever(self) -> None:
-        try:
-            self._serve_metrics()
-            super().serve_forever()
-        finally:
-            if self.metrics_server is not None:
-                self.metrics_server.close()
-            self.decision_log.close()
-
-    def _republish(self) -> None:
-        # Called right after a reconnect: heartbeats sent while we were cut off never reached us.
-        self.core.listening_again(now_ms())
-        super()._republish()
-
-    def on_unroutable(self, send: Send) -> Iterable[Any]:
-        if isinstance(send.message, Prepare):
-            return [Unroutable(send.message.tx_id, send.message.participant)]
-        return super().on_unroutable(send)
+        """The metrics endpoint, then the batch loop until stopped; whatever fails, the
+        endpoint, the channel and the log are closed."""
+        with contextlib.ExitStack() as opened:
+            opened.callback(self.decision_log.close)
+            opened.callback(self.driver.channel.close)
+            server = self._serve_metrics()
+            if server is not None:
+                opened.callback(server.close)
+            self.driver.run()
 
 
 def run_coordinator(config: CoordinatorConfig) -> None:
@@ -223,7 +356,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     service: CoordinatorService | None = None
     for attempt in outages.retrying(what="coordinator: starting"):
         with attempt:
-            service = CoordinatorService(config)
+            service = CoordinatorService.connect(config)
     assert service is not None
     log.info(
         "coordinator ready: consuming %s, log at %s",

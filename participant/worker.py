@@ -16,23 +16,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from participant.core import (
-    AbortBranch,
-    BranchExecuted,
-    BranchHistory,
-    CommitBranch,
-    ExecuteBranch,
-    LookUpBranch,
-    ParticipantCore,
-    ParticipantSettings,
-    Recovered,
-)
+from participant.core import Event, ParticipantCore, ParticipantSettings
 from participant.log import PrepareLog
 from participant.operations import (
     BatchHandler,
@@ -40,27 +29,21 @@ from participant.operations import (
     Handler,
     OperationRegistry,
     OperationSpec,
-    Refuse,
 )
-from participant.resources import CommitsAtOnce, Finish, Resource
+from participant.resources import Resource
+from participant.side import OwnEffect, ParticipantObserver, ParticipantSide
 from participant.units import UnitOfWork, unit_of_work
-from runtime import config, logs, outages, tracing
+from runtime import config, outages, tracing
 from runtime.amqp import AmqpChannel
-from runtime.crashpoints import crashpoint
-from runtime.driver import BatchDriver, build_or_close
-from runtime.errors import UnknownOperation
+from runtime.driver import BatchDriver, DriverStats, build_or_close
 from runtime.heartbeat import HeartbeatSender
 from runtime.metrics import MetricsServer, ParticipantMetrics
 from runtime.tracing_spans import ParticipantTrace
 from schemas import topology
-from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
+from schemas.records import ParticipantRecord
 from schemas.validation import PARTICIPANT_ACCEPTS, Limits
 
 log = logging.getLogger("twophase.participant")
-
-#: done markers (COMPLETED records) outlive the bulky PREPARED records by this factor
-DONE_MARKER_FACTOR = 7
-_PREPARED_KIND = str(BranchPrepared.__struct_config__.tag)
 
 
 class OperationHandle:
@@ -152,7 +135,7 @@ class Participant:
         worker: ParticipantWorker | None = None
         for attempt in outages.retrying(what=f"participant {self.name}: starting"):
             with attempt:
-                worker = ParticipantWorker(self)
+                worker = ParticipantWorker.connect(self)
         assert worker is not None
         self._worker = worker
         self._ready.set()
@@ -191,338 +174,179 @@ class Participant:
         return self._worker
 
 
-class ParticipantWorker(BatchDriver[ParticipantRecord]):
-    side = "participant"
+class ParticipantWorker:
+    """A participant process's serving part: the driver, given the participant's side and (when
+    tracing or metrics are on) its observer. :meth:`connect` builds one (configure, connect,
+    recover); :meth:`serve_forever` serves it and closes everything."""
 
-    def __init__(self, app: Participant) -> None:
+    def __init__(
+        self,
+        app: Participant,
+        driver: BatchDriver[Event, OwnEffect, ParticipantRecord],
+        side: ParticipantSide,
+        observer: ParticipantObserver | None,
+    ) -> None:
+        """Only assembles: :meth:`connect` does the I/O."""
+        self.app = app
+        self.driver = driver
+        self.side = side
+        self.observer = observer
+
+    @classmethod
+    def connect(cls, app: Participant) -> ParticipantWorker:
         """Connect to the log and the broker and rebuild the state from the log and the
         resource; on any failure, close what was opened (the resource is the app's to close).
         Nothing is served until :meth:`serve_forever`."""
-        self.app = app
-        self.resource = app.resource
-        self.resource.bind(app.name)
-        build_or_close(
+        app.resource.bind(app.name)
+        return build_or_close(
             PrepareLog(app.log_url, app.name),
-            lambda: (app.channel_factory or AmqpChannel)(
-                app.amqp_url, prefetch=app.prefetch, connection_name=f"twophase-{app.name}"
-            ),
-            self._build,
+            lambda: _open_channel(app, prefetch=app.prefetch, suffix=""),
+            lambda channel, journal: cls._assemble(app, channel, journal),
         )
 
-    def _build(self, channel: Any, journal: PrepareLog) -> None:
-        app = self.app
+    @classmethod
+    def _assemble(
+        cls, app: Participant, channel: AmqpChannel, journal: PrepareLog
+    ) -> ParticipantWorker:
         queue = topology.participant_queue(app.name)
         channel.declare_queue(queue)
         channel.declare_queue(topology.COORDINATOR_QUEUE)
-        self.prepare_log = journal
-        super().__init__(
+        tracing.setup_from_env(f"twophase-{app.name}")
+        trace = ParticipantTrace(app.name) if tracing.ENABLED else None
+        side = ParticipantSide(
+            app.name,
+            app.registry,
+            app.settings,
+            app.resource,
+            journal,
+            unit_of_work(app.resource, journal, app.log_url),
+            trace,
+            orphan_after_s=app.orphan_after_s,
+            retention_s=app.retention_s,
+        )
+        metrics = None
+        if app.metrics_port or app.metrics_registry is not None:
+            metrics = ParticipantMetrics(app.name, app.metrics_registry)
+        observer = None
+        if trace is not None or metrics is not None:
+            observer = ParticipantObserver(side, trace, metrics)
+        name = f"participant {app.name}"
+        driver: BatchDriver[Event, OwnEffect, ParticipantRecord] = BatchDriver(
             channel,
             journal,
+            side,
+            name=name,
+            role="participant",
             queue=queue,
+            watch=outages.DependencyWatch(
+                name, side.dependencies(app.log_url), app.metrics_registry
+            ),
+            observer=observer,
             max_batch=app.prefetch,
             limits=app.limits,
             accepts=PARTICIPANT_ACCEPTS,
         )
-        self.core = ParticipantCore(app.name, app.settings)
-        self.last_orphans: list[tuple[str, float]] = []
-        #: how a batch's branches and records become durable (one local transaction when the
-        #: resource and the log share a database)
-        self.unit: UnitOfWork = unit_of_work(self.resource, journal, app.log_url)
-        self._to_prepare: list[ExecuteBranch] = []
-        self._to_finish: list[CommitBranch | AbortBranch] = []
-        self._lookups: list[str] = []
-        self.last_progress = time.monotonic()
-        self.every(min(5.0, app.orphan_after_s), self._watch_orphans)
-        self.every(60.0, self._collect_garbage)
-        tracing.setup_from_env(f"twophase-{app.name}")
-        self.trace: ParticipantTrace | None = (
-            ParticipantTrace(app.name) if tracing.ENABLED else None
-        )
-        self.metrics: ParticipantMetrics | None = None
-        self.metrics_server: MetricsServer | None = None
-        if app.metrics_port or app.metrics_registry is not None:
-            self.metrics = ParticipantMetrics(app.name, app.metrics_registry)
-            self.every(0.5, self.metrics.refresh)
-        self.observing = self.trace is not None or self.metrics is not None
-        self.recover()
+        driver.every(min(5.0, app.orphan_after_s), side.watch_orphans)
+        driver.every(60.0, side.collect_garbage)
+        if metrics is not None:
+            driver.every(0.5, metrics.refresh)
+        driver.recover()
+        return cls(app, driver, side, observer)
+
+    # ---- what tests and tools look at ------------------------------------------------------
 
     @property
-    def name(self) -> str:
-        return f"participant {self.app.name}"
+    def core(self) -> ParticipantCore:
+        return self.side.core
 
-    def dependencies(self) -> list[outages.Dependency]:
-        found = [outages.Dependency("log", self.app.log_url, self.prepare_log.log.probe)]
-        probe = getattr(self.resource, "probe", None)  # a resource of an older design has none
-        if probe is not None:
-            url = str(getattr(self.resource, "url", type(self.resource).__name__))
-            found.append(outages.Dependency("resource", url, probe))
-        return found
+    @property
+    def resource(self) -> Resource:
+        return self.side.resource
 
-    def metrics_registry(self) -> CollectorRegistry | None:
-        return self.app.metrics_registry
+    @property
+    def prepare_log(self) -> PrepareLog:
+        return self.side.prepare_log
 
-    def reset(self) -> None:
-        self.unit.discard()
-        self.core = ParticipantCore(self.app.name, self.app.settings)
-        self._to_prepare, self._to_finish, self._lookups = [], [], []
+    @property
+    def journal(self) -> PrepareLog:
+        return self.side.prepare_log
 
-    def serve_forever(self) -> None:
-        log.info(
-            "participant %s ready: consuming %s, %s",
-            self.app.name,
-            self.queue,
-            outages.describe(self.dependencies()),
-        )
-        heartbeats = HeartbeatSender(
-            self.app.name,
-            self.app.heartbeat_interval_s,
-            lambda: (self.app.channel_factory or AmqpChannel)(
-                self.app.amqp_url, prefetch=1, connection_name=f"twophase-{self.app.name}-heartbeat"
-            ),
-            lambda: self.last_progress,
-        )
-        if self.app.metrics_port:
-            self.metrics_server = MetricsServer(self.app.metrics_port, self.app.metrics_registry)
-        heartbeats.start()
-        try:
-            super().serve_forever()
-        finally:
-            heartbeats.stop()
-            if self.metrics_server is not None:
-                self.metrics_server.close()
-            self.prepare_log.close()
+    @property
+    def unit(self) -> UnitOfWork:
+        return self.side.unit
+
+    @property
+    def trace(self) -> ParticipantTrace | None:
+        return self.side.trace
+
+    @property
+    def metrics(self) -> ParticipantMetrics | None:
+        return self.observer.metrics if self.observer is not None else None
+
+    @property
+    def observing(self) -> bool:
+        return self.driver.observing
+
+    @property
+    def channel(self) -> AmqpChannel:
+        return self.driver.channel
+
+    @property
+    def queue(self) -> str:
+        return self.driver.queue
+
+    @property
+    def stats(self) -> DriverStats:
+        return self.driver.stats
 
     def turn(self) -> None:
-        try:
-            super().turn()
-        except BaseException:
-            self.unit.discard()  # nothing of the failed batch becomes durable
-            raise
-        self.last_progress = time.monotonic()
+        self.driver.turn()
 
-    def write_records(self, records: list[ParticipantRecord]) -> None:
-        """The unit of work decides: with a shared database, the records join the batch's
-        branches in ONE commit, so a branch, its record and (only after the commit) its vote or
-        ACK cannot disagree."""
-        self.unit.write(records)
+    def step(self) -> None:
+        self.driver.step()
 
-    def recover(self) -> None:
-        """In-doubt branches inquire; prepared branches that never voted YES are rolled back."""
-        prepared = self.prepare_log.unfinished_branches()
-        in_resource = self.resource.prepared()
-        committed = self.resource.committed([r.tx_id for r in prepared])
-        if prepared or in_resource:
-            log.info(
-                "%s: recovering %d prepared branches (%d prepared in the resource)",
-                self.app.name,
-                len(prepared),
-                len(in_resource),
-            )
-        # Branches finished shortly before the crash are remembered too: a redelivered PREPARE
-        # or COMMIT for one is answered from the log, never run again (rule 4).
-        since = time.time() - self.app.settings.remember_ms / 1000
-        completed = self.prepare_log.completed_since(since)
-        self._injected.append(Recovered(prepared, in_resource, committed, completed=completed))
-
-    def handle(self, event: Any, now: int) -> Sequence[Any]:
-        return self.core.handle(event, now)
-
-    def perform(self, effect: Any, now: int) -> Iterable[Any]:
-        # Resource work is deferred to settle(): one local transaction per batch (§5).
-        if isinstance(effect, ExecuteBranch):
-            self._to_prepare.append(effect)
-            return ()
-        if isinstance(effect, CommitBranch | AbortBranch):
-            self._to_finish.append(effect)
-            return ()
-        if isinstance(effect, LookUpBranch):
-            self._lookups.append(effect.tx_id)
-            return ()
-        return super().perform(effect, now)
-
-    def settle(self, now: int) -> Iterable[Any]:
-        """Finish, then prepare, the batch's branches; their results feed the core again.
-
-        Runs before the batch's log records are flushed and its messages published, so a
-        branch is durable in the resource before its PREPARED/COMPLETED record, its vote or ACK.
-        """
-        self._finish_branches()
-        return [*self._look_up(), *self._prepare_branches()]
-
-    def _look_up(self) -> list[BranchHistory]:
-        """One-phase questions about branches not in memory: the log and the resource answer."""
-        if not self._lookups:
-            return []
-        tx_ids, self._lookups = self._lookups, []
-        found = self.prepare_log.history(tx_ids)
-        committed = self._committed(tx_ids)
-        return [
-            BranchHistory(tx, found.get(tx, []) + self.pending_records(tx), tx in committed)
-            for tx in tx_ids
-        ]
-
-    def _finish_branches(self) -> None:
-        if self._to_finish:
-            finishing, self._to_finish = self._to_finish, []
-            items = [self._finish_item(e) for e in finishing]
-            with self._traced_finish(finishing):
-                self.unit.finish_many(items)
-            crashpoint("participant.after_commit")
-
-    def _prepare_branches(self) -> list[BranchExecuted]:
-        if not self._to_prepare:
-            return []
-        preparing, self._to_prepare = self._to_prepare, []
-        results: list[BranchExecuted] = []
-        known: list[tuple[ExecuteBranch, OperationSpec]] = []
-        for effect in preparing:
-            spec = self.app.registry.get(effect.operation)
-            if spec is None:
-                operations = ", ".join(sorted(self.app.registry.operations)) or "none"
-                reason = (
-                    f"unknown operation {effect.operation!r} on {self.app.name} "
-                    f"(known: {operations})"
-                )
-                results.append(BranchExecuted(effect.tx_id, ok=False, reason=reason))
-            else:
-                if self.trace is not None:
-                    spec = self.trace.handler(spec, effect.tx_id)
-                known.append((effect, spec))
-        refusals = self._run_handlers(known)
-        crashpoint("participant.after_prepare")
-        at_once = [
-            (effect.tx_id, spec, effect.args, True)
-            for (effect, spec), refusal in zip(known, refusals, strict=True)
-            if refusal is None and effect.one_phase and not self.unit.commits_directly
-        ]
-        if at_once:
-            # One phase: committed in the resource before the COMMITTED record and vote (with a
-            # shared database, in the very same local transaction as that record).
-            self.unit.finish_many(at_once)
-        committed_before = self._committed_before(known, refusals)
-        for (effect, _spec), refusal in zip(known, refusals, strict=True):
-            if refusal is None or effect.tx_id in committed_before:
-                results.append(BranchExecuted(effect.tx_id, ok=True, committed=effect.one_phase))
-            else:
-                results.append(BranchExecuted(effect.tx_id, ok=False, reason=refusal.reason))
-        return results
-
-    def _run_handlers(
-        self, known: list[tuple[ExecuteBranch, OperationSpec]]
-    ) -> list[Refuse | None]:
-        """Prepare the branches; a resource that can commits one-phase branches at once."""
-        refusals: list[Refuse | None] = [None] * len(known)
-        direct: list[int] = []
-        staged: list[int] = []
-        for i, (effect, _spec) in enumerate(known):
-            (direct if effect.one_phase and self.unit.commits_directly else staged).append(i)
-        for indexes, run in ((staged, self.unit.prepare_many), (direct, self._commit_at_once_many)):
-            if indexes:
-                branches = [(known[i][0].tx_id, known[i][1], known[i][0].args) for i in indexes]
-                for i, refusal in zip(indexes, run(branches), strict=True):
-                    refusals[i] = refusal
-        return refusals
-
-    def _commit_at_once_many(
-        self, branches: list[tuple[str, OperationSpec, dict[str, Any]]]
-    ) -> Any:
-        assert isinstance(self.resource, CommitsAtOnce)
-        return self.resource.commit_at_once_many(branches)
-
-    def _committed_before(
-        self, known: list[tuple[ExecuteBranch, OperationSpec]], refusals: list[Refuse | None]
-    ) -> set[str]:
-        """One-phase branches refused now but committed by an earlier attempt (a crash between
-        the resource's commit and the record): a NO would be taken for their outcome. The
-        resource decides; if it cannot be asked, the batch fails rather than guess."""
-        refused = [e.tx_id for (e, _), r in zip(known, refusals, strict=True) if r and e.one_phase]
-        return self._committed(refused) if refused else set()
-
-    def _committed(self, tx_ids: list[str]) -> set[str]:
-        return self.unit.committed(tx_ids)
-
-    def _finish_item(self, effect: CommitBranch | AbortBranch) -> Finish:
-        if isinstance(effect, CommitBranch):
-            return (effect.tx_id, self._spec(effect.operation), effect.args, True)
-        # An orphan found at recovery (prepared in the resource, never voted YES) comes
-        # without its operation; the resource may remember it.
-        operation = effect.operation or self.resource.stored_operation(effect.tx_id) or ""
-        return (effect.tx_id, self.app.registry.get(operation), effect.args, False)
-
-    def _traced_finish(
-        self, finishing: list[CommitBranch | AbortBranch]
-    ) -> contextlib.AbstractContextManager[None]:
-        if self.trace is None:
-            return contextlib.nullcontext()
-        return self.trace.finishing(
-            [(e.tx_id, e.operation, isinstance(e, CommitBranch)) for e in finishing]
-        )
-
-    # ---- observation: tracing and metrics ------------------------------------------------------
-
-    def on_incoming(self, event: Any, now: int) -> None:
-        if self.trace is not None:
-            if isinstance(event, BranchExecuted):
-                branch = self.core.branches.get(event.tx_id)
-                operation = branch.operation if branch else ""
-                self.trace.executed(event.tx_id, operation, event.ok, event.reason)
-            elif isinstance(event, Recovered):
-                self.trace.recovered(event.prepared)
-            else:
-                self.trace.on_incoming(event)
-        if self.metrics is not None and isinstance(event, Recovered):
-            self.metrics.recovered(event.prepared, now)
-
-    def on_effect(self, effect: Any, now: int) -> None:
-        super().on_effect(effect, now)
-        if self.trace is not None and isinstance(effect, CommitBranch | AbortBranch):
-            self.trace.finish_requested(effect.tx_id)
-
-    def _spec(self, operation: str) -> OperationSpec:
-        spec = self.app.registry.get(operation)
-        if spec is None:  # prepared by an older version of this service that had the operation
-            raise UnknownOperation(
-                f"{self.app.name}: operation {operation!r} is no longer registered"
-            )
-        return spec
-
-    def orphans(self, now: int) -> list[tuple[str, float]]:
-        """Undecided branches ``orphan_after_s`` past their deadline, and by how long."""
-        limit_ms = int(self.app.orphan_after_s * 1000)
-        found = []
-        for tx_id in self.core.in_doubt():
-            overdue = now - self.core.branches[tx_id].deadline_ms
-            if overdue > limit_ms:
-                found.append((tx_id, overdue / 1000))
-        return found
-
-    def _watch_orphans(self, now: int) -> None:
-        self.last_orphans = self.orphans(now)
-        for tx_id, overdue in self.last_orphans:
-            log.warning(
-                "%s: branch tx_id=%s is prepared and undecided %.0f s past its deadline; "
-                "the coordinator does not answer its inquiries",
-                self.app.name,
-                tx_id,
-                overdue,
-                extra=logs.tx(tx_id, self.core.branches[tx_id].traceparent),
-            )
-
-    def _collect_garbage(self, now: int) -> None:
-        """Drop what finished branches no longer need; keep compact done markers longer."""
-        cutoff = now / 1000 - self.app.retention_s
-        log_table = self.prepare_log.log
-        log_table.prune_finished_before(
-            PARTICIPANT_FINISHED_KINDS, cutoff, only_kinds=[_PREPARED_KIND]
-        )
-        log_table.prune_finished_before(
-            PARTICIPANT_FINISHED_KINDS, cutoff - DONE_MARKER_FACTOR * self.app.retention_s
-        )
+    def stop(self) -> None:
+        self.driver.stop()
 
     def status(self) -> dict[str, Any]:
         return {
             "participant": self.app.name,
             "in_doubt": self.core.in_doubt(),
-            "orphans": [tx for tx, _ in self.last_orphans],
+            "orphans": [tx for tx, _ in self.side.last_orphans],
             "stats": self.stats,
         }
+
+    # ---- serving ---------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Heartbeats (a thread and a connection of their own), the metrics endpoint, then the
+        batch loop until stopped; whatever fails, everything started or opened is closed (the
+        resource is the app's)."""
+        app = self.app
+        log.info(
+            "participant %s ready: consuming %s, %s",
+            app.name,
+            self.queue,
+            outages.describe(self.driver.watch.dependencies),
+        )
+        with contextlib.ExitStack() as opened:
+            opened.callback(self.prepare_log.close)
+            opened.callback(self.driver.channel.close)
+            heartbeats = HeartbeatSender(
+                app.name,
+                app.heartbeat_interval_s,
+                lambda: _open_channel(app, prefetch=1, suffix="-heartbeat"),
+                lambda: self.driver.last_progress,
+            )
+            if app.metrics_port:
+                opened.callback(MetricsServer(app.metrics_port, app.metrics_registry).close)
+            heartbeats.start()
+            opened.callback(heartbeats.stop)
+            self.driver.run()
+
+
+def _open_channel(app: Participant, *, prefetch: int, suffix: str) -> AmqpChannel:
+    channel: AmqpChannel = (app.channel_factory or AmqpChannel)(
+        app.amqp_url, prefetch=prefetch, connection_name=f"twophase-{app.name}{suffix}"
+    )
+    return channel

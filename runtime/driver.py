@@ -4,7 +4,8 @@ One ``BatchDriver`` owns one AMQP channel and runs in one thread. Each turn of i
 
 1. takes what the broker delivered (up to the prefetch) and the timers that are due;
 2. runs every event through the core, collecting effects; side-specific effects (running a
-   handler, reading the log) are performed by the subclass and may feed events back;
+   handler, reading the log) are performed by the *side* it was given (``runtime.seams``) and
+   may feed events back;
 3. makes the batch's records durable in **one** log transaction (group commit);
 4. publishes the batch's messages (persistent, mandatory) and waits for the broker's confirms;
 5. only then acks the consumed messages.
@@ -22,11 +23,10 @@ import logging
 import os
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -35,6 +35,7 @@ from runtime.amqp import AmqpChannel, Delivery
 from runtime.crashpoints import crashpoint
 from runtime.errors import ConnectionLost, PublishError, PublishRefused
 from runtime.journal import Journal
+from runtime.seams import CoreEffect, DriverEvent, Observer, Side, plain_headers
 from runtime.suspects import POISON_ATTEMPTS, Suspects
 from runtime.timers import Timers
 from schemas.codec import DecodeError, decode_message, encode
@@ -63,8 +64,18 @@ from schemas.validation import (
 log = logging.getLogger("twophase.driver")
 
 
+#: the side's events (its core's ``Event``), its own effects, its log records (runtime.seams)
+E = TypeVar("E")
+F = TypeVar("F")
 R = TypeVar("R", bound=msgspec.Struct)
-J = TypeVar("J", bound=Journal[Any])
+T = TypeVar("T")
+
+
+class _Closes(Protocol):
+    def close(self) -> None: ...
+
+
+J = TypeVar("J", bound=_Closes)
 
 
 def now_ms() -> int:
@@ -97,28 +108,36 @@ class _Chore:
     next_ms: int = 0
 
 
-class BatchDriver(ABC, Generic[R]):
-    #: crash point names are "<side>.after_persist" etc.
-    side = "driver"
-
-    @property
-    def name(self) -> str:
-        """How log lines name this service."""
-        return self.side
+class BatchDriver(Generic[E, F, R]):
+    """The batch loop, given a side and (optionally) an observer: see ``runtime.seams``."""
 
     def __init__(
         self,
         channel: AmqpChannel,
         journal: Journal[R],
+        side: Side[E, F, R],
         *,
+        name: str,
+        role: str,
         queue: str,
+        watch: outages.DependencyWatch,
+        observer: Observer[E, F, R] | None = None,
         max_batch: int = 256,
         idle_poll_s: float = 0.2,
         limits: Limits = DEFAULT_LIMITS,
-        accepts: tuple[type[Any], ...] | None = None,
+        accepts: tuple[type[Message], ...] | None = None,
     ) -> None:
+        """Assemble the loop; nothing is connected, read or started here (the composition
+        root of each process does that: configure, connect, recover, serve)."""
         self.channel = channel
+        #: only read for its counters: the side writes the records (:meth:`Side.write_records`)
         self.journal = journal
+        self.side = side
+        self.observer = observer
+        #: how log lines name this service
+        self.name = name
+        #: crash point names are "<role>.after_persist" etc.
+        self.role = role
         self.queue = queue
         self.max_batch = max_batch
         self.idle_poll_s = idle_poll_s
@@ -127,10 +146,12 @@ class BatchDriver(ABC, Generic[R]):
         self.accepts = accepts
         self.timers = Timers()
         self.stats = DriverStats()
+        #: time.monotonic() of the last turn that did not fail (the heartbeats report a stall)
+        self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._records: list[R] = []
         self._sends: list[Send] = []
-        self._injected: deque[Any] = deque()
+        self._injected: deque[DriverEvent | E] = deque()
         self._chores: list[_Chore] = []
         #: digest of a delivery whose handling raised -> (times, the last error)
         self._suspects = Suspects()
@@ -139,14 +160,7 @@ class BatchDriver(ABC, Generic[R]):
         self._batch: list[Delivery] = []
         #: the delivery whose message the core is handling (None: a timer, a derived event)
         self._handling: Delivery | None = None
-        #: set by a side that traces or counts: the observation hooks below are called
-        self.observing = False
-        #: the side's span bookkeeping (runtime.tracing) and metrics (runtime.metrics), if on
-        self.trace: Any = None
-        self.metrics: Any = None
-        self.watch = outages.DependencyWatch(
-            self.name, self.dependencies(), self.metrics_registry()
-        )
+        self.watch = watch
         #: RabbitMQ is probed by reconnecting, not by the watch; it is only reported through it
         self._broker = outages.Dependency("rabbitmq", str(getattr(channel, "url", "")), _no_probe)
         self.watch.report_up(self._broker)
@@ -157,38 +171,26 @@ class BatchDriver(ABC, Generic[R]):
         if stats_file:
             self.every(0.5, lambda _now: selfstats.write(stats_file, self.counters()))
 
-    # ---- what a side provides -------------------------------------------------------------
+    @property
+    def observing(self) -> bool:
+        """Whether an observer is called (tracing or metrics on)."""
+        return self.observer is not None
 
-    @abstractmethod
-    def handle(self, event: Any, now: int) -> Sequence[Any]:
-        """Run the core."""
+    # ---- what a side may ask of its driver ----------------------------------------------
 
-    def perform(self, effect: Any, now: int) -> Iterable[Any]:
-        """Perform a side-specific effect; return the events it produces."""
-        raise TypeError(f"{type(self).__name__} cannot perform {effect!r}")
-
-    def settle(self, now: int) -> Iterable[Any]:
-        """Called when the batch's events are all handled; may return more (deferred work)."""
-        return ()
-
-    def forget(self, tx_id: str) -> None:
-        """The core dropped ``tx_id``."""
-
-    def dependencies(self) -> list[outages.Dependency]:
-        """The databases this side needs (RabbitMQ is watched by the channel itself)."""
-        return []
-
-    def metrics_registry(self) -> Any:
-        """Where ``twophase_dependency_up`` is registered (None: the global registry)."""
-        return None
-
-    def reset(self) -> None:
-        """Drop every piece of in-memory state; :meth:`recover` rebuilds it from the log."""
+    def inject(self, events: Iterable[E]) -> None:
+        """Handle ``events`` in the next turn, before what the broker delivered."""
+        self._injected.extend(events)
 
     def recover(self) -> None:
-        """Rebuild the core from the log (injects a ``Recovered`` event)."""
+        """Rebuild the core from the log: the side reads it, its events are handled next turn."""
+        self.inject(self.side.recover())
 
-    def on_unroutable(self, send: Send) -> Iterable[Any]:
+    def _unroutable(self, send: Send) -> None:
+        events = list(self.side.on_unroutable(send))
+        if events:
+            self.inject(events)
+            return
         self._noted("unroutable replies")
         log.debug(
             "unroutable message to %s: %s",
@@ -196,40 +198,11 @@ class BatchDriver(ABC, Generic[R]):
             type(send.message).__name__,
             extra=logs.tx(getattr(send.message, "tx_id", ""), send.traceparent),
         )
-        return ()
 
-    # ---- observation hooks (tracing, metrics): called only while ``observing`` ------------
-
-    def on_incoming(self, event: Any, now: int) -> None:
-        """``event`` is about to be handled by the core."""
-
-    def on_effect(self, effect: Any, now: int) -> None:
-        """The core returned ``effect``; it is applied next."""
-        if self.trace is not None:
-            self.trace.on_effect(effect)
-        if self.metrics is not None:
-            self.metrics.on_effect(effect, now)
-
-    def headers_for(self, send: Send) -> dict[str, str] | None:
-        """The AMQP headers ``send`` is published with."""
-        if self.trace is not None:
-            headers: dict[str, str] | None = self.trace.headers_for(send)
-            return headers
-        return {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
-
-    def on_flushed(self, records: Sequence[R], started_ns: int) -> None:
-        """``records`` were made durable by one log transaction that started at ``started_ns``."""
-        if self.trace is not None:
-            self.trace.on_flushed(records, started_ns)
-        if self.metrics is not None:
-            self.metrics.on_flushed(records, started_ns)
-
-    def on_batch_end(self, messages: int) -> None:
-        """The batch of ``messages`` deliveries is done: published, confirmed and acked."""
-        if self.trace is not None:
-            self.trace.on_batch_end()
-        if self.metrics is not None:
-            self.metrics.on_batch_end(messages)
+    def _headers_for(self, send: Send) -> dict[str, str] | None:
+        if self.observer is not None:
+            return self.observer.headers_for(send)
+        return plain_headers(send)
 
     def counters(self) -> dict[str, int]:
         """What ``twophase bench`` reads: traffic, and forced writes as log transactions."""
@@ -293,7 +266,7 @@ class BatchDriver(ABC, Generic[R]):
             self.stats.reconnects += 1
             self.channel.reconnect()
             try:
-                self._republish()
+                self.republish()
             except ConnectionLost as again:
                 exc = again
             else:
@@ -340,7 +313,7 @@ class BatchDriver(ABC, Generic[R]):
                     self._records, self._sends = [], []
                     self._injected.clear()
                     self.timers = Timers()
-                    self.reset()
+                    self.side.reset()
                     self.channel.reconnect()
                     self.recover()
         except Exception:
@@ -350,6 +323,16 @@ class BatchDriver(ABC, Generic[R]):
         log.info("%s: state rebuilt from the log; serving again", self.name)
 
     def turn(self) -> None:
+        """One batch (see the module's docstring); what the side staged outside the driver is
+        dropped if it fails."""
+        try:
+            self._turn()
+        except BaseException:
+            self.side.abandon()  # nothing of the failed batch becomes durable
+            raise
+        self.last_progress = time.monotonic()
+
+    def _turn(self) -> None:
         now = now_ms()
         deadline = self.timers.next_deadline()
         wait = (
@@ -363,7 +346,9 @@ class BatchDriver(ABC, Generic[R]):
         self._batch = deliveries
         now = now_ms()
         self.periodic(now)
-        events: deque[tuple[Any, Delivery | None]] = deque((e, None) for e in self._injected)
+        events: deque[tuple[DriverEvent | E, Delivery | None]] = deque(
+            (e, None) for e in self._injected
+        )
         self._injected.clear()
         good: list[Delivery] = []
         rejected: list[tuple[Delivery, str, str]] = []
@@ -402,8 +387,8 @@ class BatchDriver(ABC, Generic[R]):
             crashpoint(f"{self.side}.after_ack")
         stats.ack_ns += time.perf_counter_ns() - published
         self._suspects.cleared(good)
-        if self.observing:
-            self.on_batch_end(len(deliveries))
+        if self.observer is not None:
+            self.observer.on_batch_end(len(deliveries))
 
     def _take(self, wait: float) -> list[Delivery]:
         """The next batch: suspects of an earlier failure come one per batch, after the rest."""
@@ -444,8 +429,8 @@ class BatchDriver(ABC, Generic[R]):
         for delivery, category, why in rejected:
             self._rejections[category] = self._rejections.get(category, 0) + 1
             log.debug("dead-lettered a message from %s: %s: %s", delivery.queue, category, why)
-            if self.metrics is not None:
-                self.metrics.dead_lettered(delivery.queue, category)
+            if self.observer is not None:
+                self.observer.dead_lettered(delivery.queue, category)
 
     def _noted(self, what: str) -> None:
         self._noticed[what] = self._noticed.get(what, 0) + 1
@@ -465,24 +450,25 @@ class BatchDriver(ABC, Generic[R]):
             log.warning("%s: in the last period: %s (each at DEBUG)", self.name, counts)
             self._noticed.clear()
 
-    def _run_events(self, events: deque[tuple[Any, Delivery | None]], now: int) -> None:
-        observing = self.observing
+    def _run_events(self, events: deque[tuple[DriverEvent | E, Delivery | None]], now: int) -> None:
+        side, observer = self.side, self.observer
         while events:
             while events:
                 event, origin = events.popleft()
                 self._handling = origin
-                if observing:
-                    self.on_incoming(event, now)
-                for effect in self.handle(event, now):
-                    if observing:
-                        self.on_effect(effect, now)
+                if observer is not None:
+                    observer.on_incoming(event, now)
+                for effect in side.handle(event, now):
+                    if observer is not None:
+                        observer.on_effect(effect, now)
                     events.extend((derived, origin) for derived in self._apply(effect, now))
             self._handling = None
-            events.extend((event, None) for event in self.settle(now))
+            events.extend((event, None) for event in side.settle(now, self._records))
 
-    def _apply(self, effect: Any, now: int) -> Iterable[Any]:
+    def _apply(self, effect: CoreEffect | F, now: int) -> Iterable[E]:
         if isinstance(effect, Persist):
-            self._records.append(effect.record)  # type: ignore[arg-type]
+            # a core persists only its own side's records (R); Persist is shared by both
+            self._records.append(cast(R, effect.record))
         elif isinstance(effect, Send):
             self._sends.append(effect)
         elif isinstance(effect, StartTimer):
@@ -490,7 +476,7 @@ class BatchDriver(ABC, Generic[R]):
         elif isinstance(effect, CancelTimer):
             self.timers.cancel(effect.key)
         elif isinstance(effect, Forget):
-            self.forget(effect.tx_id)
+            pass  # the driver keeps nothing per transaction
         elif isinstance(effect, ProtocolViolation):
             self.stats.protocol_violations += 1
             self._noted("protocol violations")
@@ -501,26 +487,16 @@ class BatchDriver(ABC, Generic[R]):
                 extra=logs.tx(effect.tx_id),
             )
         else:
-            return self.perform(effect, now)
+            return self.side.perform(effect, now)
         return ()
-
-    def pending_records(self, tx_id: str) -> list[R]:
-        """Records of ``tx_id`` handled in this batch but not yet flushed."""
-        return [r for r in self._records if r.tx_id == tx_id]  # type: ignore[attr-defined]
-
-    def write_records(self, records: list[R]) -> None:
-        """Make ``records`` durable in one transaction (group commit); called once per batch,
-        also with no records, before anything of the batch is published."""
-        if records:
-            self.journal.append(records)
 
     def _flush_records(self) -> bool:
         """Make the batch's records durable; whether there were any."""
         records, self._records = self._records, []
         started_ns = time.time_ns()
-        self.write_records(records)
-        if records and self.observing:
-            self.on_flushed(records, started_ns)
+        self.side.write_records(records)
+        if records and self.observer is not None:
+            self.observer.on_flushed(records, started_ns)
         return bool(records)
 
     def _publish(self) -> None:
@@ -539,7 +515,7 @@ class BatchDriver(ABC, Generic[R]):
             returned = set(exc.routing_keys)
             for send in self._sends:
                 if send.queue in returned:
-                    self._injected.extend(self.on_unroutable(send))
+                    self._unroutable(send)
         self._sends = []
 
     def _publish_to(self, queue: str, sends: list[Send]) -> None:
@@ -549,12 +525,12 @@ class BatchDriver(ABC, Generic[R]):
             if len(sends) == 1:
                 send = sends[0]
                 body = encode(send.message)
-                headers = self.headers_for(send)
+                headers = self._headers_for(send)
             else:
                 items = tuple(
                     Enveloped(
                         message=send.message,
-                        traceparent=(self.headers_for(send) or {}).get(TRACEPARENT_HEADER, ""),
+                        traceparent=(self._headers_for(send) or {}).get(TRACEPARENT_HEADER, ""),
                     )
                     for send in sends
                 )
@@ -568,12 +544,13 @@ class BatchDriver(ABC, Generic[R]):
         except PublishRefused as exc:
             log.warning("%s: cannot publish to %s (%s); dropped", self.name, queue[:80], exc)
             for send in sends:
-                self._injected.extend(self.on_unroutable(send))
+                self._unroutable(send)
             return
         self.stats.messages_out += 1
 
-    def _republish(self) -> None:
+    def republish(self) -> None:
         """After a reconnect: the last batch's messages may not have left; send them again."""
+        self.side.reconnected(now_ms())
         if self._sends:
             log.info("re-publishing %d messages after reconnecting", len(self._sends))
             self._publish()
@@ -590,14 +567,14 @@ class BatchDriver(ABC, Generic[R]):
 
 
 def build_or_close(
-    journal: J, open_channel: Callable[[], Any], build: Callable[[Any, J], None]
-) -> None:
-    """Open the channel and ``build`` the service on it and ``journal``; if anything fails,
-    close both, so that a failed start leaves no connection behind."""
-    channel: Any = None
+    journal: J, open_channel: Callable[[], AmqpChannel], build: Callable[[AmqpChannel, J], T]
+) -> T:
+    """Open the channel and ``build`` the service on it and ``journal`` (connect, recover); if
+    anything fails, close both, so that a failed start leaves no connection behind."""
+    channel: AmqpChannel | None = None
     try:
         channel = open_channel()
-        build(channel, journal)
+        return build(channel, journal)
     except BaseException:
         if channel is not None:
             channel.close()

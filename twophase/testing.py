@@ -28,7 +28,7 @@ M = TypeVar("M")
 def running_coordinator(
     amqp_url: str, log_url: str, settings: CoordinatorSettings | None = None
 ) -> Iterator[CoordinatorService]:
-    service = CoordinatorService(
+    service = CoordinatorService.connect(
         CoordinatorConfig(amqp_url, log_url, settings=settings or CoordinatorSettings())
     )
     thread = threading.Thread(

@@ -68,7 +68,7 @@ def eventually(check: Callable[[], None], timeout: float = 15.0) -> None:
 @pytest.fixture
 def coordinator_port(amqp_url: str, tmp_path: Path) -> Iterator[int]:
     port = free_port()
-    service = CoordinatorService(
+    service = CoordinatorService.connect(
         CoordinatorConfig(
             amqp_url,
             str(tmp_path / "coordinator.log.db"),

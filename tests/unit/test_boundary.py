@@ -267,7 +267,7 @@ def test_an_outage_of_the_log_is_waited_out_and_the_state_rebuilt(
 def test_heartbeats_with_made_up_names_add_no_metric_series(tmp_path: Path) -> None:
     registry = CollectorRegistry()
     broker = MemoryBroker()
-    coordinator = CoordinatorService(
+    coordinator = CoordinatorService.connect(
         CoordinatorConfig(
             "amqp://memory/",
             str(tmp_path / "c.db"),

@@ -50,7 +50,7 @@ class System:
 
     def __init__(self, tmp: Path, broker: MemoryBroker, *, shared: bool = False) -> None:
         self.tmp, self.broker, self.shared = tmp, broker, shared
-        self.coordinator = CoordinatorService(
+        self.coordinator = CoordinatorService.connect(
             CoordinatorConfig(
                 "amqp://memory/",
                 str(tmp / "coordinator.log.db"),
@@ -66,7 +66,7 @@ class System:
                 name, db, amqp_url="amqp://memory/", log_url=log_path(tmp, name, shared)
             )
             app.channel_factory = broker.channel
-            self.workers[name] = ParticipantWorker(app)
+            self.workers[name] = ParticipantWorker.connect(app)
         self.client = MemoryChannel(broker)
         self.client.declare_queue(REPLY)
         self.client.consume(REPLY)
@@ -255,7 +255,7 @@ def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: Sy
     with pytest.raises(ConnectionLost):
         coordinator.turn()
     channel.reconnect()
-    coordinator._republish()
+    coordinator.driver.republish()
     system.settle()
     outcomes = system.outcomes()
     assert [o.outcome for o in outcomes] == [OutcomeKind.COMMITTED]
@@ -317,7 +317,7 @@ def test_a_batch_that_fails_before_its_commit_leaves_nothing_and_is_redone(
     worker.channel.close()
     app = worker.app
     app.channel_factory = system.broker.channel
-    system.workers["bank-a"] = restarted = ParticipantWorker(app)
+    system.workers["bank-a"] = restarted = ParticipantWorker.connect(app)
     restarted.channel.consume(restarted.queue)
     system.settle()
     assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED] * 3
@@ -348,6 +348,6 @@ def test_a_credit_to_a_missing_account_aborts_alone_in_its_batch(system: System)
 
 def test_an_operation_no_longer_registered_is_a_typed_error(system: System) -> None:
     worker = system.workers["bank-a"]
-    assert worker._spec("debit").name == "debit"
+    assert worker.side.spec("debit").name == "debit"
     with pytest.raises(UnknownOperation, match="bank-a: operation 'withdraw' is no longer"):
-        worker._spec("withdraw")
+        worker.side.spec("withdraw")

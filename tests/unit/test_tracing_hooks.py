@@ -24,10 +24,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from coordinator.client import Client
 from coordinator.service import CoordinatorConfig, CoordinatorService
-from participant.worker import Participant
+from participant.worker import Participant, ParticipantWorker
 from runtime import tracing
 from runtime.amqp import Delivery
-from runtime.driver import BatchDriver
 from runtime.errors import ConfigurationError
 from schemas.messages import Branch, OutcomeKind
 from twophase import bank
@@ -123,11 +122,11 @@ class World:
         for module in ("coordinator.service", "participant.worker", "coordinator.client"):
             monkeypatch.setattr(f"{module}.AmqpChannel", self.bus.channel)
         self.tmp = tmp_path
-        self.coordinator = CoordinatorService(
+        self.coordinator = CoordinatorService.connect(
             CoordinatorConfig("amqp://fake/", str(tmp_path / "coordinator.log.db"))
         )
         self.banks: dict[str, Participant] = {}
-        self.drivers: list[BatchDriver[Any]] = [self.coordinator]
+        self.drivers: list[CoordinatorService | ParticipantWorker] = [self.coordinator]
         for name in ("bank-a", "bank-b", "bank-c"):
             db = str(tmp_path / f"{name}.db")
             bank.open_accounts(db, name, [(f"{name}-0", 100)])
@@ -137,9 +136,7 @@ class World:
             self.add_participant(app)
 
     def add_participant(self, app: Participant) -> None:
-        from participant.worker import ParticipantWorker
-
-        worker = ParticipantWorker(app)
+        worker = ParticipantWorker.connect(app)
         app._worker = worker
         self.banks[app.name] = app
         self.drivers.append(worker)
@@ -350,7 +347,7 @@ def test_recovery_after_a_restart_links_to_the_original_trace(
         for name in world.banks:
             world.bus.queues[f"twophase.participant.{name}"].clear()
     first.decision_log.close()
-    restarted = CoordinatorService(
+    restarted = CoordinatorService.connect(
         CoordinatorConfig("amqp://fake/", str(tmp_path / "coordinator.log.db"))
     )
     world.drivers[0] = world.coordinator = restarted
