@@ -374,17 +374,17 @@ class BatchDriver(Generic[E, F, R]):
         # A crash point fires only where its step did something, so that an armed point hits
         # a batch that really persisted, published or acked (not an idle turn at start-up).
         if self._flush_records():
-            crashpoint(f"{self.side}.after_persist")
+            crashpoint(f"{self.role}.after_persist")
         flushed = time.perf_counter_ns()
         stats.flush_ns += flushed - handled
         if self._sends:
             self._publish()
-            crashpoint(f"{self.side}.after_publish")
+            crashpoint(f"{self.role}.after_publish")
         published = time.perf_counter_ns()
         stats.publish_ns += published - flushed
         self.channel.ack(good)
         if good:
-            crashpoint(f"{self.side}.after_ack")
+            crashpoint(f"{self.role}.after_ack")
         stats.ack_ns += time.perf_counter_ns() - published
         self._suspects.cleared(good)
         if self.observer is not None:

@@ -16,6 +16,8 @@ from coordinator.service import CoordinatorConfig, CoordinatorService
 from participant.log import PrepareLog
 from participant.units import SharedLog
 from participant.worker import ParticipantWorker
+from runtime import crashpoints
+from runtime import driver as driver_module
 from runtime.errors import ConnectionLost, UnknownOperation
 from runtime.memory import MemoryBroker, MemoryChannel
 from schemas import topology
@@ -351,3 +353,15 @@ def test_an_operation_no_longer_registered_is_a_typed_error(system: System) -> N
     assert worker.side.spec("debit").name == "debit"
     with pytest.raises(UnknownOperation, match="bank-a: operation 'withdraw' is no longer"):
         worker.side.spec("withdraw")
+
+
+def test_the_drivers_pass_only_crash_points_that_can_be_armed(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reached: set[str] = set()
+    monkeypatch.setattr(driver_module, "crashpoint", reached.add)
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("t1")))
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
+    assert reached <= set(crashpoints.NAMES)
+    assert {"coordinator.after_persist", "participant.after_publish"} <= reached
