@@ -131,15 +131,16 @@ class Participant:
 
     def run(self) -> None:
         """Serve in the calling thread until :meth:`stop`: connect and recover (an outage that
-        begins meanwhile is waited out, as any later one), then serve."""
-        worker: ParticipantWorker | None = None
-        for attempt in outages.retrying(what=f"participant {self.name}: starting"):
-            with attempt:
-                worker = ParticipantWorker.connect(self)
-        assert worker is not None
-        self._worker = worker
-        self._ready.set()
+        begins meanwhile is waited out, as any later one), then serve. The resource is closed
+        when this returns or raises, also when the start failed."""
         try:
+            worker: ParticipantWorker | None = None
+            for attempt in outages.retrying(what=f"participant {self.name}: starting"):
+                with attempt:
+                    worker = ParticipantWorker.connect(self)
+            assert worker is not None
+            self._worker = worker
+            self._ready.set()
             worker.serve_forever()
         finally:
             self.resource.close()
