@@ -1,13 +1,13 @@
-"""RabbitMQ access for one thread: one BlockingConnection, one channel with pipelined confirms.
+"""RabbitMQ access for one thread: one connection, one channel with pipelined confirms.
 
 Publishes do not wait; ``wait_for_confirms`` waits once for a whole batch. After a disconnect every
 call raises ``ConnectionLost`` until ``reconnect()``, which starts a new *generation*: delivery tags
-of an older generation are never acked. Other threads may only use ``call_threadsafe``.
+of an older generation are never acked. Other threads may only use ``call_threadsafe``. The
+connection is pika's asynchronous one, driven in the owning thread (see ``runtime.amqp_loop``).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
 import time
@@ -22,6 +22,8 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
+from runtime.amqp_loop import AmqpLink, expect_close
+from runtime.amqp_loop import one_line as _one_line
 from runtime.errors import BrokerUnavailable, ConnectionLost, PublishError, PublishRefused
 from runtime.redaction import redact_url
 from schemas.topology import (
@@ -43,7 +45,6 @@ SEQ_HEADER = "x-twophase-seq"
 ORIGINAL_KEY_HEADER = "x-original-routing-key"
 HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
-_SETUP_TIMEOUT_SECONDS = 30.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
 _SHORTSTR_MAX = 255  # bytes of an AMQP short string: routing keys, queue names
 
@@ -57,23 +58,6 @@ class Delivery:
     delivery_tag: int
     generation: int
     redelivered: bool
-
-
-_PLAIN_CAUSES = {
-    "Connection refused": "connection refused",
-    "ACCESS_REFUSED": "access refused (check the user and password)",
-    "Name or service not known": "unknown host",
-    "NOT_ALLOWED": "access to the virtual host refused",
-    "timed out": "connection timed out",
-}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or repr(exc)
-    for marker, plain in _PLAIN_CAUSES.items():
-        if marker in text:
-            return plain
-    return f"{type(exc).__name__}: {text}"
 
 
 #: the original headers a dead-letter copy keeps at most: a copy whose header frame exceeds the
@@ -113,62 +97,21 @@ def _header_str(value: Any) -> str:
     return str(value)
 
 
-def _noop() -> None:
-    pass
-
-
-def _close_quietly(connection: Any) -> None:
-    if connection is not None and connection.is_open:
-        try:
-            connection.close()
-        except Exception:  # it is going away either way
-            log.debug("error while closing the connection", exc_info=True)
-
-
-def _enable_pipelined_confirms(
-    channel: Any,
-    on_confirm: Callable[[Any], None],
-    on_return: Callable[[Any, Any, Any, bytes], None],
-    on_close: Callable[[Any, BaseException], None],
-) -> Any:
-    """Put ``channel`` (a ``BlockingChannel``) in confirm mode; return the channel to publish on.
-
-    ``BlockingChannel.confirm_delivery()`` would make each ``basic_publish`` wait for its confirm.
-    Instead confirm mode is enabled on the async ``pika.channel.Channel`` behind it (pika 1.x
-    private ``_impl``; the only private use in this module), the caller counts delivery numbers,
-    and publishes go through that async channel, which only buffers the frames until the next
-    ``process_data_events``.
-    """
-    impl = channel._impl  # pika 1.x private: the async channel behind the BlockingChannel
-    impl.add_on_return_callback(on_return)
-    impl.add_on_close_callback(on_close)
-    select_ok: list[bool] = []
-
-    def on_select_ok(_frame: Any) -> None:
-        select_ok.append(True)
-        channel.connection.call_later(0, _noop)  # wakes process_data_events
-
-    impl.confirm_delivery(ack_nack_callback=on_confirm, callback=on_select_ok)
-    deadline = time.monotonic() + _SETUP_TIMEOUT_SECONDS
-    while not select_ok:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or channel.is_closed:
-            raise pika.exceptions.AMQPChannelError("no Confirm.SelectOk from the broker")
-        channel.connection.process_data_events(time_limit=remaining)
-    return impl
-
-
 _warned_unbounded: list[bool] = []
 
 
-def _declare_dead_letter_queue(connection: Any) -> None:
+def _declare_dead_letter_queue(link: AmqpLink) -> None:
     """Declare the dead-letter queue with its bounds, on a channel of its own: a queue declared
     earlier without them makes the broker refuse (and close that channel); it is then used as it
     is, and the operator is told how to bound it."""
-    probe = connection.channel()
+    probe = link.open_channel()
     try:
-        probe.queue_declare(
-            DEAD_LETTER_QUEUE, durable=True, arguments=dead_letter_queue_arguments()
+        link.call(
+            probe,
+            probe.queue_declare,
+            DEAD_LETTER_QUEUE,
+            durable=True,
+            arguments=dead_letter_queue_arguments(),
         )
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:  # PRECONDITION_FAILED: declared before with other arguments
@@ -182,32 +125,7 @@ def _declare_dead_letter_queue(connection: Any) -> None:
                 DEAD_LETTER_QUEUE,
             )
         return
-    probe.close()
-
-
-def _coalesce_writes(connection: Any) -> bool:
-    """Send what pika has buffered with one system call, not one per frame: pika 1.x sends a
-    message's method, header and body frames, and every publish and ack, each with its own
-    ``send``, and each wakes the broker's reader. Uses pika's private plaintext transport (the
-    second private use here, checked by a test); where it differs (TLS, another pika), pika's
-    own writes stay. Whether the writes are now coalesced."""
-    transport: Any = getattr(getattr(connection, "_impl", None), "_transport", None)
-    if type(transport).__name__ != "_AsyncPlaintextTransport":
-        return False
-    buffers = getattr(transport, "_tx_buffers", None)
-    produce = getattr(transport, "_produce", None)
-    if not isinstance(buffers, collections.deque) or produce is None:
-        return False
-
-    def produce_joined() -> None:
-        if len(buffers) > 1:
-            joined = b"".join(buffers)
-            buffers.clear()
-            buffers.append(joined)
-        produce()
-
-    transport._produce = produce_joined
-    return True
+    link.close_channel(probe)
 
 
 class AmqpChannel:
@@ -227,10 +145,8 @@ class AmqpChannel:
         self._queues: dict[str, tuple[bool, bool]] = {}  # name -> (durable, exclusive)
         self._consumed: list[str] = []
         self._generation = 0
-        self._connection: Any = None
-        self._channel: Any = None
-        self._publisher: Any = None  # the async channel behind self._channel (publishes only)
-        self.coalesced_writes = False
+        self._link: AmqpLink | None = None
+        self._channel: Any = None  # a pika.channel.Channel of self._link
         self._reset_state()
         self._connect(connect_attempts)
 
@@ -253,6 +169,7 @@ class AmqpChannel:
         self._returned: set[int] = set()
         self._failed: dict[int, str] = {}
         self._woken = False
+        self._until: Callable[[], bool] | None = None
 
     def _connect(self, attempts: int) -> None:
         retrying = tenacity.Retrying(
@@ -289,33 +206,40 @@ class AmqpChannel:
         params.heartbeat = HEARTBEAT_SECONDS
         params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_SECONDS
         params.client_properties = {"connection_name": self._connection_name}
-        connection = pika.BlockingConnection(params)
-        self.coalesced_writes = _coalesce_writes(connection)
+        gen = self._generation
+        link = AmqpLink(params, on_lost=lambda reason: self._on_lost(gen, reason))
         try:
-            channel = connection.channel()
-            gen = self._generation
-            publisher = _enable_pipelined_confirms(
-                channel,
-                on_confirm=lambda frame: self._on_confirm(gen, frame),
-                on_return=lambda _ch, _m, props, _b: self._on_return(gen, props),
-                on_close=lambda _ch, reason: self._on_lost(gen, f"channel closed: {reason!r}"),
+            channel = link.open_channel()
+            channel.add_on_return_callback(lambda _ch, _m, props, _b: self._on_return(gen, props))
+            channel.add_on_close_callback(
+                lambda _ch, reason: self._on_lost(gen, f"channel closed: {reason!r}")
             )
-            channel.add_on_cancel_callback(
-                lambda frame: self._on_lost(gen, f"consumer cancelled by broker: {frame!r}")
+
+            def on_cancel(frame: Any) -> None:
+                self._on_lost(gen, f"consumer cancelled by broker: {frame!r}")
+                link.wake()
+
+            channel.add_on_cancel_callback(on_cancel)
+            # each publish is counted here and confirmed in batches: wait_for_confirms
+            on_confirm = functools.partial(self._on_confirm, gen)
+            link.call(channel, channel.confirm_delivery, ack_nack_callback=on_confirm)
+            link.call(channel, channel.basic_qos, prefetch_count=self._prefetch)
+            for exchange, kind in ((EXCHANGE, "direct"), (DEAD_LETTER_EXCHANGE, "fanout")):
+                link.call(
+                    channel, channel.exchange_declare, exchange, exchange_type=kind, durable=True
+                )
+            _declare_dead_letter_queue(link)
+            link.call(
+                channel, channel.queue_bind, DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=""
             )
-            channel.basic_qos(prefetch_count=self._prefetch)
-            channel.exchange_declare(EXCHANGE, exchange_type="direct", durable=True)
-            channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
-            _declare_dead_letter_queue(connection)
-            channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="")
             for name, (durable, exclusive) in self._queues.items():
-                self._declare(channel, name, durable=durable, exclusive=exclusive)
+                self._declare(link, channel, name, durable=durable, exclusive=exclusive)
             for queue in self._consumed:
-                self._basic_consume(channel, queue)
+                self._basic_consume(link, channel, queue)
         except BaseException:
-            _close_quietly(connection)
+            link.close()
             raise
-        self._connection, self._channel, self._publisher = connection, channel, publisher
+        self._link, self._channel = link, channel
 
     def reconnect(self, attempts: int = 1_000_000) -> None:
         """Drop everything in flight and connect again (new generation).
@@ -332,24 +256,29 @@ class AmqpChannel:
         self._lost = "closed by the application"
 
     def _close_connection(self) -> None:
-        connection = self._connection
-        self._connection = self._channel = self._publisher = None
-        _close_quietly(connection)
+        link = self._link
+        self._link = self._channel = None
+        if link is not None:
+            link.close()
 
     @staticmethod
-    def _declare(channel: Any, name: str, *, durable: bool, exclusive: bool) -> None:
+    def _declare(
+        link: AmqpLink, channel: Any, name: str, *, durable: bool, exclusive: bool
+    ) -> None:
+        declared: dict[str, Any]
         if exclusive:
-            channel.queue_declare(name, durable=False, exclusive=True, auto_delete=True)
+            declared = {"durable": False, "exclusive": True, "auto_delete": True}
         else:
-            channel.queue_declare(name, durable=durable, arguments=durable_queue_arguments())
-        channel.queue_bind(name, EXCHANGE, routing_key=name)
+            declared = {"durable": durable, "arguments": durable_queue_arguments()}
+        link.call(channel, channel.queue_declare, name, **declared)
+        link.call(channel, channel.queue_bind, name, EXCHANGE, routing_key=name)
 
     def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False) -> None:
         """Declare ``name`` and bind it to EXCHANGE under its own name (redone on reconnect)."""
         with self._remembering(lambda: self._queues.pop(name, None)):
             self._queues[name] = (durable, exclusive)
-            with self._io():
-                self._declare(self._channel, name, durable=durable, exclusive=exclusive)
+            with self._io() as link:
+                self._declare(link, self._channel, name, durable=durable, exclusive=exclusive)
 
     def queue_counts(self, name: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of an existing queue; ``None`` when it does not exist.
@@ -357,21 +286,16 @@ class AmqpChannel:
         A passive declare of a missing queue closes the channel, so it is asked on a channel of
         its own.
         """
-        channel_log = logging.getLogger("pika.channel")
-        level = channel_log.level
-        channel_log.setLevel(logging.ERROR)  # a missing queue is an answer here, not a warning
-        try:
-            with self._io():  # a connection that died is ConnectionLost, as everywhere
-                probe = self._connection.channel()
-                try:
-                    ok = probe.queue_declare(name, passive=True)
-                except pika.exceptions.ChannelClosedByBroker as exc:
-                    if exc.reply_code == 404:  # NOT_FOUND
-                        return None
-                    raise
-                probe.close()
-        finally:
-            channel_log.setLevel(level)
+        with self._io() as link:  # a connection that died is ConnectionLost, as everywhere
+            probe = link.open_channel()
+            expect_close(probe, 404)  # a missing queue is an answer here, not a warning
+            try:
+                ok = link.call(probe, probe.queue_declare, name, passive=True)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:  # NOT_FOUND
+                    return None
+                raise
+            link.close_channel(probe)
         return int(ok.method.message_count), int(ok.method.consumer_count)
 
     def consume(self, queue: str) -> None:
@@ -380,8 +304,8 @@ class AmqpChannel:
             return
         with self._remembering(lambda: self._consumed.remove(queue)):
             self._consumed.append(queue)
-            with self._io():
-                self._basic_consume(self._channel, queue)
+            with self._io() as link:
+                self._basic_consume(link, self._channel, queue)
 
     @contextmanager
     def _remembering(self, forget: Callable[[], object]) -> Iterator[None]:
@@ -393,32 +317,45 @@ class AmqpChannel:
                 forget()
             raise
 
-    def _basic_consume(self, channel: Any, queue: str) -> None:
+    def _basic_consume(self, link: AmqpLink, channel: Any, queue: str) -> None:
         on_message = functools.partial(self._on_message, self._generation, queue)
-        channel.basic_consume(queue, on_message_callback=on_message, auto_ack=False)
+        link.call(channel, channel.basic_consume, queue, on_message, auto_ack=False)
 
-    def _check_alive(self) -> None:
-        conn, chan = self._connection, self._channel
-        if self._lost is None and not (conn is not None and conn.is_open and chan.is_open):
+    def _check_alive(self) -> AmqpLink:
+        link, chan = self._link, self._channel
+        if self._lost is None and not (link is not None and link.is_open and chan.is_open):
             self._lost = "connection or channel is closed"
-        if self._lost is not None:
-            raise ConnectionLost(self._lost)
+        if self._lost is not None or link is None:
+            raise ConnectionLost(self._lost or "not connected")
+        return link
 
     @contextmanager
-    def _io(self) -> Iterator[None]:
+    def _io(self) -> Iterator[AmqpLink]:
         """Check the connection, then turn pika errors inside the block into ConnectionLost."""
-        self._check_alive()
+        link = self._check_alive()
         try:
-            yield
+            yield link
         except _RETRYABLE as exc:
             if self._lost is None:
                 self._lost = _one_line(exc)
             raise ConnectionLost(self._lost) from exc
 
-    def _pump(self, time_limit: float) -> None:
-        with self._io():
-            self._connection.process_data_events(time_limit=max(0.0, time_limit))
+    def _pump(self, time_limit: float, until: Callable[[], bool] | None = None) -> None:
+        """Run the I/O loop up to ``time_limit`` seconds, returning early once ``until()``."""
+        self._until = until
+        try:
+            with self._io() as link:
+                link.run(time_limit)
+        finally:
+            self._until = None
         self._check_alive()
+
+    def _wake_if_done(self) -> None:
+        """End the running :meth:`_pump` if what it waits for is there: every restart of the
+        loop costs system calls."""
+        until, link = self._until, self._link
+        if link is not None and (until is None or until()):
+            link.wake()
 
     def _on_lost(self, gen: int, reason: str) -> None:
         if gen == self._generation and self._lost is None:
@@ -435,6 +372,7 @@ class AmqpChannel:
         self._unacked.add(tag)
         key, redelivered = str(method.routing_key), bool(method.redelivered)
         self._buffer.append(Delivery(bytes(body), headers, key, queue, tag, gen, redelivered))
+        self._wake_if_done()
 
     def _on_return(self, gen: int, props: Any) -> None:
         seq = (props.headers or {}).get(SEQ_HEADER)
@@ -456,9 +394,7 @@ class AmqpChannel:
             if nacked or seq in self._returned:
                 self._failed[seq] = routing_key
             self._returned.discard(seq)
-        connection = self._connection
-        if connection is not None:  # None once closed: a late confirm needs no wake-up
-            connection.call_later(0, _noop)  # makes process_data_events return now
+        self._wake_if_done()
 
     def publish(
         self,
@@ -480,8 +416,8 @@ class AmqpChannel:
     def _publish(self, exchange: str, key: str, body: bytes, props: Any, mandatory: bool) -> int:
         seq = self._next_seq + 1
         props.headers[SEQ_HEADER] = seq
-        with self._io():  # only buffers the frames: see _enable_pipelined_confirms
-            self._publisher.basic_publish(exchange, key, body, props, mandatory)
+        with self._io():  # only buffers the frames, sent when the loop next runs
+            self._channel.basic_publish(exchange, key, body, props, mandatory)
         self._next_seq = seq
         self._outstanding[seq] = key
         return seq
@@ -504,13 +440,14 @@ class AmqpChannel:
 
     def _wait_until(self, done: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        self._pump(0)
+        if done():
+            self._pump(0)  # still sends what is buffered (acks)
         while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._lost = f"no publisher confirm within {timeout}s"
                 raise ConnectionLost(self._lost)
-            self._pump(remaining)
+            self._pump(remaining, done)
 
     def poll(self, timeout: float, max_messages: int = 10_000) -> list[Delivery]:
         """Buffered deliveries, waiting up to ``timeout`` seconds for the first one.
@@ -524,7 +461,7 @@ class AmqpChannel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            self._pump(remaining)
+            self._pump(remaining, lambda: bool(self._buffer) or self._woken)
             self._drain(max_messages)
         out = self._buffer[:max_messages]
         del self._buffer[:max_messages]
@@ -541,10 +478,9 @@ class AmqpChannel:
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge deliveries of the current generation; older ones are skipped.
 
-        The acks are only buffered (on the async channel, as publishes are) and leave with the
-        next poll or wait, which follows at once in a driver's loop: the blocking channel would
-        run pika's I/O loop once more per batch just to send them. An ack lost with the
-        connection means a redelivery, which every handler tolerates."""
+        The acks are only buffered, as publishes are, and leave with the next poll or wait, which
+        follows at once in a driver's loop. An ack lost with the connection means a redelivery,
+        which every handler tolerates."""
         current = [d.delivery_tag for d in deliveries if d.generation == self._generation]
         tags = self._unacked.intersection(current)
         if not tags:
@@ -552,10 +488,10 @@ class AmqpChannel:
         highest = max(tags)
         with self._io():
             if sum(1 for t in self._unacked if t <= highest) == len(tags):
-                self._publisher.basic_ack(delivery_tag=highest, multiple=True)
+                self._channel.basic_ack(delivery_tag=highest, multiple=True)
             else:
                 for tag in sorted(tags):
-                    self._publisher.basic_ack(delivery_tag=tag, multiple=False)
+                    self._channel.basic_ack(delivery_tag=tag, multiple=False)
         self._unacked -= tags
 
     def dead_letter(self, delivery: Delivery, reason: str, timeout: float = 30.0) -> None:
@@ -592,15 +528,13 @@ class AmqpChannel:
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the owning thread in its next poll/wait (callable from any thread)."""
-        connection = self._connection
-        if connection is None:
+        link = self._link
+        if link is None:
             raise ConnectionLost("not connected")
 
         def wrapped() -> None:
             self._woken = True
+            self._wake_if_done()
             fn()
 
-        try:
-            connection.add_callback_threadsafe(wrapped)
-        except pika.exceptions.AMQPError as exc:
-            raise ConnectionLost(_one_line(exc)) from exc
+        link.add_callback_threadsafe(wrapped)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -93,26 +95,40 @@ def test_pipelined_publish_consume_ack(
     assert _message_count(admin, queue) == 0
 
 
-def test_a_batch_of_publishes_leaves_in_one_send(
+def test_publishes_only_leave_when_confirms_are_awaited(
     chan: AmqpChannel, queue: str, admin: pika.adapters.blocking_connection.BlockingChannel
 ) -> None:
-    """pika would send each frame (three per message) with its own system call."""
-    assert chan.coalesced_writes  # the pika internals it relies on are still there
+    """A publish buffers its frames; the batch leaves in one write to pika's transport (which
+    sends each write with one system call), and is confirmed, in one wait."""
     chan.declare_queue(queue)
-    transport = chan._connection._impl._transport
-    sent: list[int] = []
-    send = transport._sigint_safe_send
+    link: Any = chan._link
+    [stream] = link._services.streams
+    transport = stream.held._transport
+    writes: list[int] = []
+    write = transport.write
 
-    def counted(sock: object, data: bytes) -> object:
-        sent.append(len(data))
-        return send(sock, data)
+    def counted(data: bytes) -> None:
+        writes.append(len(data))
+        write(data)
 
-    transport._sigint_safe_send = counted
+    transport.write = counted
     for i in range(20):
         chan.publish(queue, f"m{i}".encode())
+    assert _message_count(admin, queue) == 0
     chan.wait_for_confirms(timeout=10)
-    assert len(sent) == 1
+    assert len(writes) == 1
     assert _message_count(admin, queue) == 20
+
+
+def test_queue_counts_of_a_missing_queue_is_none_without_a_warning(
+    chan: AmqpChannel, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = f"test.amqp.no-such-queue.{uuid.uuid4().hex}"
+    with caplog.at_level(logging.WARNING):
+        assert chan.queue_counts(missing) is None
+    assert not [r for r in caplog.records if r.name.startswith("pika")]
+    chan.declare_queue(queue)
+    assert chan.queue_counts(queue) == (0, 0)
 
 
 def test_poll_timeout_returns_empty(chan: AmqpChannel, queue: str) -> None:
@@ -260,11 +276,12 @@ def test_connection_lost_when_force_closed(queue: str) -> None:
         chan.declare_queue(queue)
         chan.consume(queue)
         if not _close_connection_by_name(name):
-            # No broker CLI here (e.g. remote broker): cut the TCP connection under pika instead.
+            # No broker CLI here (e.g. remote broker): cut the TCP connection under pika instead,
+            # through pika internals (in this test only)
             import socket
 
-            sock = chan._connection._impl._transport._sock
-            sock.shutdown(socket.SHUT_RDWR)
+            link: Any = chan._link
+            link.connection._transport._sock.shutdown(socket.SHUT_RDWR)
         with pytest.raises(ConnectionLost):
             for _ in range(50):
                 chan.poll(timeout=0.2)
