@@ -82,7 +82,7 @@ class _HeldWrites(nbio_interface.AbstractStreamTransport):  # type: ignore[misc]
     waking the broker's reader."""
 
     def __init__(self, transport: Any, protocol: Any, ioloop: IOLoop) -> None:
-        self._transport, self._protocol, self._ioloop = transport, protocol, ioloop
+        self._pika_stream, self._protocol, self._ioloop = transport, protocol, ioloop
         self._held: list[bytes] = []
 
     def write(self, data: bytes) -> None:
@@ -94,17 +94,17 @@ class _HeldWrites(nbio_interface.AbstractStreamTransport):  # type: ignore[misc]
         if self._held:
             joined = b"".join(self._held)
             self._held.clear()
-            self._transport.write(joined)
+            self._pika_stream.write(joined)
 
     def abort(self) -> None:
         self._held.clear()
-        self._transport.abort()
+        self._pika_stream.abort()
 
     def get_protocol(self) -> Any:
         return self._protocol
 
     def get_write_buffer_size(self) -> int:
-        return int(self._transport.get_write_buffer_size()) + sum(map(len, self._held))
+        return int(self._pika_stream.get_write_buffer_size()) + sum(map(len, self._held))
 
 
 class _Protocol(nbio_interface.AbstractStreamProtocol):  # type: ignore[misc]
@@ -153,7 +153,7 @@ class _IOServices(SelectorIOServicesAdapter):  # type: ignore[misc]
             if isinstance(result, BaseException):
                 on_done(result)
             else:
-                _transport, stream = result
+                _pika_stream, stream = result
                 on_done((stream.held, stream.connection))
 
         return super().create_streaming_connection(

@@ -103,7 +103,7 @@ def test_publishes_only_leave_when_confirms_are_awaited(
     chan.declare_queue(queue)
     link: Any = chan._link
     [stream] = link._services.streams
-    transport = stream.held._transport
+    transport = stream.held._pika_stream
     writes: list[int] = []
     write = transport.write
 
