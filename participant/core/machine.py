@@ -10,7 +10,11 @@ COMMITTED vote, or -> ABORTED with NO. The coordinator, missing the vote, asks w
 resource (LOOKING_UP): the branch may have committed and been forgotten since.
 
 Terminal branches stay in memory until a while after their deadline so that late duplicates are
-answered from memory, then the log (and presumed abort) answers for them.
+answered from memory, then the log (and presumed abort) answers for them. At most
+``remember_max`` of them stay: a flood of forged ABORTs must not grow memory without bound. Until
+the last one forgotten early would have been forgotten anyway, a PREPARE for a branch not in
+memory first reads the log (LOOKING_UP, ``recalling``): it may be a duplicate of one that
+finished here, which must not run twice.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class ParticipantSettings:
     inquire_max_ms: int = 30_000
     #: how long past its deadline a finished branch is remembered in memory
     remember_ms: int = 60_000
+    #: how many finished branches are remembered at most; the oldest are forgotten first
+    remember_max: int = 10_000
 
 
 @dataclass
@@ -101,6 +107,8 @@ class BranchInfo:
     abort_requested: bool = False
     inquire_delay_ms: int = 0
     one_phase: bool = False
+    #: a PREPARE waits for the log: this branch may have finished here and been forgotten early
+    recalling: bool = False
 
 
 Handler = Callable[["ParticipantCore", BranchInfo, Event, int], list[Effect]]
@@ -122,6 +130,10 @@ class ParticipantCore:
         self.settings = settings or ParticipantSettings()
         self.coordinator_queue = topology.COORDINATOR_QUEUE
         self.branches: dict[str, BranchInfo] = {}
+        #: finished branches in the order they finished, with when each is due to be forgotten
+        self.finished: dict[str, int] = {}
+        #: until then a PREPARE for a branch not in memory may be for one forgotten early
+        self.recall_until_ms = -1
 
     def handle(self, event: Event, now_ms: int) -> list[Effect]:
         if isinstance(event, Recovered):
@@ -160,10 +172,16 @@ class ParticipantCore:
             # "aborted" now, and a re-sent COMMIT must still be ACKed).
             reason = f"PREPARE arrived {now_ms - prepare.deadline_ms} ms after its deadline"
             return [self._vote(branch, VoteKind.NO, reason)]
+        branch.one_phase = prepare.one_phase
+        if now_ms <= self.recall_until_ms:
+            branch.recalling = True
+            return self._look_up(branch, event, now_ms)
+        return self._execute(branch)
+
+    def _execute(self, branch: BranchInfo) -> list[Effect]:
         self.branches[branch.tx_id] = branch
         branch.state = BranchState.EXECUTING
-        branch.one_phase = prepare.one_phase
-        return [ExecuteBranch(branch.tx_id, prepare.operation, prepare.args, prepare.one_phase)]
+        return [ExecuteBranch(branch.tx_id, branch.operation, branch.args, branch.one_phase)]
 
     def _executed(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         assert isinstance(event, BranchExecuted)
@@ -231,12 +249,26 @@ class ParticipantCore:
     def _finish(
         self, branch: BranchInfo, decision: Decision, reason: str, *, force: bool = False
     ) -> list[Effect]:
-        branch.state = BranchState.COMMITTED if decision is Decision.COMMIT else BranchState.ABORTED
         record = BranchCompleted(
             tx_id=branch.tx_id, participant=self.name, decision=decision, reason=reason
         )
         forget_at = max(branch.deadline_ms, 0) + self.settings.remember_ms
-        return [Persist(record, force=force), StartTimer((FORGET_TIMER, branch.tx_id), forget_at)]
+        return [Persist(record, force=force), *self._remember(branch, decision, forget_at)]
+
+    def _remember(self, branch: BranchInfo, decision: Decision, forget_at: int) -> list[Effect]:
+        """Keep a finished branch in memory until ``forget_at``, forgetting the oldest early
+        when there are too many (see the module's docstring)."""
+        branch.state = BranchState.COMMITTED if decision is Decision.COMMIT else BranchState.ABORTED
+        self.branches[branch.tx_id] = branch
+        self.finished.pop(branch.tx_id, None)
+        self.finished[branch.tx_id] = forget_at
+        effects: list[Effect] = [StartTimer((FORGET_TIMER, branch.tx_id), forget_at)]
+        while len(self.finished) > self.settings.remember_max:
+            oldest = next(iter(self.finished))
+            self.recall_until_ms = max(self.recall_until_ms, self.finished.pop(oldest))
+            del self.branches[oldest]
+            effects += [CancelTimer((FORGET_TIMER, oldest)), Forget(oldest)]
+        return effects
 
     # ---- one phase: Abort(one_phase) asks what happened, and every state answers ------------
 
@@ -248,6 +280,8 @@ class ParticipantCore:
 
     def _history(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         assert isinstance(event, BranchHistory)
+        if branch.recalling:
+            return self._recalled(branch, event)
         branch.deadline_ms = now_ms
         decisions = {r.decision for r in event.records if isinstance(r, BranchCompleted)}
         if event.resource_committed or Decision.COMMIT in decisions:
@@ -264,6 +298,33 @@ class ParticipantCore:
         reason = "aborted by the coordinator before it ran here"
         tombstone = self._finish(branch, Decision.ABORT, reason, force=True)
         return [*undo, *tombstone, self._vote(branch, VoteKind.NO, reason)]
+
+    def _recalled(self, branch: BranchInfo, event: BranchHistory) -> list[Effect]:
+        """A PREPARE read the log first: answer as memory would have, or run the branch."""
+        branch.recalling = False
+        decisions = [r.decision for r in event.records if isinstance(r, BranchCompleted)]
+        if decisions or event.resource_committed:
+            # It finished here and was forgotten early: the first COMPLETED record counts, as at
+            # recovery. COMMITTED ignores a duplicate PREPARE; ABORTED answers it NO.
+            committed = event.resource_committed or decisions[0] is Decision.COMMIT
+            decision = Decision.COMMIT if committed else Decision.ABORT
+            forget_at = max(branch.deadline_ms, 0) + self.settings.remember_ms
+            remembered = self._remember(branch, decision, forget_at)
+            if committed:
+                return remembered
+            return [*remembered, self._vote(branch, VoteKind.NO, "the transaction was aborted")]
+        if branch.abort_requested:  # an ABORT (or the one-phase question) came meanwhile
+            reason = "aborted by the coordinator before it ran here"
+            tombstone = self._finish(branch, Decision.ABORT, reason, force=branch.one_phase)
+            return [*tombstone, self._vote(branch, VoteKind.NO, reason)]
+        return self._execute(branch)
+
+    def _abort_while_looking_up(
+        self, branch: BranchInfo, event: Event, now_ms: int
+    ) -> list[Effect]:
+        """Only a PREPARE that reads the log first runs afterwards; it must then not run."""
+        branch.abort_requested = True
+        return []
 
     def _abort_and_answer(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         """A branch that declined one phase and prepared: abort it, then say NO."""
@@ -297,6 +358,7 @@ class ParticipantCore:
 
     def _forget(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
         del self.branches[branch.tx_id]
+        self.finished.pop(branch.tx_id, None)
         return [Forget(branch.tx_id)]
 
     def _contradiction(self, branch: BranchInfo, event: Event, now_ms: int) -> list[Effect]:
@@ -334,10 +396,8 @@ class ParticipantCore:
         for done in event.completed:  # remembered like branches that finished just now
             if done.tx_id in self.branches:
                 continue  # the first COMPLETED record of a branch is the one that counts
-            state = C if done.decision is Decision.COMMIT else A
-            self.branches[done.tx_id] = BranchInfo(done.tx_id, state, deadline_ms=now_ms)
-            forget_at = now_ms + self.settings.remember_ms
-            effects.append(StartTimer((FORGET_TIMER, done.tx_id), forget_at))
+            branch = BranchInfo(done.tx_id, BranchState.NONE, deadline_ms=now_ms)
+            effects += self._remember(branch, done.decision, now_ms + self.settings.remember_ms)
         known = {r.tx_id for r in event.prepared}
         for tx_id in sorted(event.resource_prepared - known):
             # Prepared in the resource but no PREPARED record: this branch never voted YES.
@@ -407,7 +467,7 @@ TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
     (E, "Timer:forget"): P._ignore,
     (R, "Timer:forget"): P._ignore,
     (N, ONE_PHASE_ABORT): P._look_up,
-    (L, ONE_PHASE_ABORT): P._ignore,  # answered once the log is read
+    (L, ONE_PHASE_ABORT): P._abort_while_looking_up,  # answered once the log is read
     (E, ONE_PHASE_ABORT): P._abort_while_executing,  # answered when the handler is done
     (R, ONE_PHASE_ABORT): P._abort_and_answer,
     (C, ONE_PHASE_ABORT): P._say_committed,
@@ -416,7 +476,7 @@ TRANSITIONS: dict[tuple[BranchState, str], Handler] = {
     # The question is only asked after the PREPARE's deadline: a PREPARE still on its way is
     # too late, and the look-up's tombstone will make it vote NO (or its deadline will).
     (L, "Prepare"): P._ignore,
-    (L, "Abort"): P._ignore,
+    (L, "Abort"): P._abort_while_looking_up,
     (L, "Outcome"): P._ignore,
     (L, "Timer:inquire"): P._ignore,
     (L, "Timer:forget"): P._ignore,

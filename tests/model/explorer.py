@@ -75,6 +75,8 @@ class Config:
     bounds: Bounds = Bounds()
     send_flushes: bool = True  # the driver contract; a test breaks it on purpose
     checks: frozenset[str] = ALL_CHECKS  # a mutation test may switch some off
+    #: finished branches a participant remembers (0: each is forgotten early, at once)
+    remember_max: int = pc.ParticipantSettings.remember_max
 
 
 @dataclass
@@ -112,7 +114,7 @@ class World:
 
 def initial_world(config: Config) -> World:
     procs = {COORDINATOR: Proc(new_coordinator(0))}
-    procs.update({p: Proc(pc.ParticipantCore(p)) for p in config.participants})
+    procs.update({p: Proc(new_participant(config, p)) for p in config.participants})
     world = World(config, procs, {(p, tx): "none" for tx, ps in config.transactions for p in ps})
     for tx, participants in config.transactions:
         _post(world, COORDINATOR_QUEUE, begin_of(config, tx, participants))
@@ -123,6 +125,10 @@ def initial_world(config: Config) -> World:
 
 def new_coordinator(now: int) -> CoordinatorCore:
     return CoordinatorCore(CoordinatorSettings(liveness_timeout_ms=10**12), started_ms=now)
+
+
+def new_participant(config: Config, name: str) -> pc.ParticipantCore:
+    return pc.ParticipantCore(name, pc.ParticipantSettings(remember_max=config.remember_max))
 
 
 def begin_of(config: Config, tx: str, participants: tuple[str, ...]) -> msg.Begin:
@@ -341,7 +347,10 @@ def crash(w: World, name: str, label: str) -> list[World]:
     """``name`` loses its memory, timers, inbox and unflushed records, and restarts at once."""
     proc = own(w, name, core=False)  # replaced, not changed
     proc.crashes, proc.buffer, proc.timers, proc.inbox = proc.crashes + 1, [], {}, []
-    proc.core = new_coordinator(w.now) if name == COORDINATOR else pc.ParticipantCore(name)
+    if name == COORDINATOR:
+        proc.core = new_coordinator(w.now)
+    else:
+        proc.core = new_participant(w.config, name)
     return handle(w, name, _recovered(w, name), (label, "; restart"))
 
 

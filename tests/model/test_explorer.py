@@ -6,8 +6,11 @@
 * seeded random walks: three participants, three transactions, many more faults;
 * one phase: every interleaving of a single-branch transaction, whose COMMITTED vote is the
   outcome (committing, refusing, declining one phase, with status queries);
+* branches forgotten early: participants that keep no finished branch in memory at all (the
+  bound of ``remember_max`` at its extreme), so that every late message meets the log;
 * mutations: break write-ahead rule 1 (or 2) in a core and the explorer must find it; presume
-  abort in one phase, or answer its question from memory only, and it must find that too.
+  abort in one phase, answer its question from memory only, or forget a branch early without
+  reading the log for its next PREPARE, and it must find that too.
 """
 
 from __future__ import annotations
@@ -106,6 +109,36 @@ def test_exhaustive_one_phase() -> None:
     assert explorer.told(world, "t1") is OutcomeKind.COMMITTED
 
 
+FORGETFUL_PROFILES: dict[str, Config] = {
+    "remembering nothing; a crash, a duplicate": Config(
+        remember_max=0,
+        bounds=Bounds(total_crashes=1, duplicates=1, losses=0, timer_fires=0, jumps=0),
+    ),
+    "remembering nothing, p2 votes NO; a crash, a duplicate, a loss": Config(
+        remember_max=0,
+        refuse=P2_SAYS_NO,
+        bounds=Bounds(total_crashes=1, duplicates=1, losses=1, timer_fires=0, jumps=0),
+    ),
+}
+FORGETFUL_ONE_PHASE = Config(
+    **ONE,
+    remember_max=0,
+    bounds=Bounds(total_crashes=1, duplicates=1, losses=1, timer_fires=1, jumps=1),
+)
+
+
+def test_exhaustive_with_every_finished_branch_forgotten_at_once() -> None:
+    """A PREPARE, ABORT or question that comes after its branch was forgotten early must get
+    the answer memory would have given: the log is read first (participant/core/machine.py)."""
+    profiles = {**FORGETFUL_PROFILES, "one phase, remembering nothing": FORGETFUL_ONE_PHASE}
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(profiles, pool.map(explorer.explore, profiles.values()), strict=True))
+    for name, result in results.items():
+        assert result.problem is None, f"{name}\n{result.report()}"
+        print(f"{name}: {result.states} states, {result.settled} settled")
+        assert result.settled > 0
+
+
 def _walk_config(seed: int) -> Config:
     return Config(
         participants=("p1", "p2", "p3"),
@@ -116,6 +149,7 @@ def _walk_config(seed: int) -> Config:
             ("t4", ("p3", "p2")),
         ),
         refuse=frozenset({("p3", "t2")}) if seed % 3 == 0 else frozenset(),
+        remember_max=seed % 4,  # finished branches are forgotten early, and often
         status_queries=seed % 2 == 0,
         bounds=Bounds(crashes=3, total_crashes=6, duplicates=8, losses=6, timer_fires=12, jumps=3),
     )
@@ -250,3 +284,23 @@ def test_explorer_finds_a_participant_that_answers_the_question_from_memory_only
     assert result.problem is not None, "the explorer missed an answer from memory only"
     print(result.report())
     assert result.problem.startswith(("atomicity", "rule 4"))
+
+
+def test_explorer_finds_a_participant_that_forgets_early_without_reading_the_log(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A one-phase branch aborted by the coordinator's question leaves a tombstone, and is
+    forgotten at once; its PREPARE, delivered again on its deadline, must find the tombstone.
+    Run without reading the log, it commits a transaction the client was told had aborted."""
+    key = (BranchState.NONE, "Prepare")
+    prepare = TRANSITIONS[key]
+
+    def never_recall(core: Any, branch: Any, event: Any, now_ms: int) -> list[Any]:
+        core.recall_until_ms = -1
+        return prepare(core, branch, event, now_ms)
+
+    monkeypatch.setitem(TRANSITIONS, key, never_recall)
+    result = explorer.explore(FORGETFUL_ONE_PHASE)
+    assert result.problem is not None, "the explorer missed a branch forgotten without recall"
+    print(result.report())
+    assert result.problem.startswith("atomicity")
