@@ -8,7 +8,9 @@ from schemas.effects import TimerKey
 
 
 class Timers:
-    """Deadlines by key; cancelled or replaced entries are dropped lazily from the heap."""
+    """Deadlines by key; cancelled or replaced entries are dropped lazily from the heap, and
+    all at once when they outnumber the live ones (a core that forgets a flood of branches
+    early cancels their timers long before they are due)."""
 
     def __init__(self) -> None:
         self._deadline: dict[TimerKey, int] = {}
@@ -19,7 +21,9 @@ class Timers:
         heapq.heappush(self._heap, (deadline_ms, key))
 
     def cancel(self, key: TimerKey) -> None:
-        self._deadline.pop(key, None)
+        if self._deadline.pop(key, None) is not None and len(self._heap) > 2 * len(self) + 64:
+            self._heap = [(d, k) for d, k in self._heap if self._deadline.get(k) == d]
+            heapq.heapify(self._heap)
 
     def due(self, now: int) -> list[TimerKey]:
         fired = []
