@@ -8,7 +8,9 @@ statements go to the psycopg connection under the SQLAlchemy one, in psycopg's p
 ``prepare_threshold`` is None, as behind a transaction-pooling PgBouncer, prepares nothing).
 Counted in libpq's trace (tests/integration/test_pgbatch.py): a log append is one round trip,
 and a participant's batch of prepares, or of commits, takes three (BEGIN with the first query,
-the operation's handler, the writes with the COMMIT).
+the operation's handler, the writes with the COMMIT). psycopg sends each statement of a pipeline
+as it is queued; a hand-written libpq loop that wrote the whole pipeline at once measured no
+consistent gain over it (docs/performance.md), so the library's pipeline is the one used.
 
 Explicit transactions. psycopg begins a transaction by itself, with a round trip of its own
 (in pipeline mode it syncs after the BEGIN, to learn the new status), and its commit inside a
@@ -183,17 +185,17 @@ def _pipeline(
     """Send BEGIN (if ``begin``), ``statements`` and COMMIT (if ``commit``) in one pipeline, one
     round trip; the rows of the last statement. The first error the server reports is raised
     (the later statements did not run), after the pipeline ended."""
-    cursors = []
-    with driver.pipeline():
-        if begin:
-            driver.execute("BEGIN", prepare=False)
-        for sql, params in statements:
-            cursors.append(driver.execute(sql, params, prepare=True))
-        if commit:
-            driver.execute("COMMIT", prepare=False)
-    if not cursors or cursors[-1].description is None:
-        return []
-    return cursors[-1].fetchall()
+    with driver.cursor() as cursor:
+        with driver.pipeline():
+            if begin:
+                cursor.execute("BEGIN", prepare=False)
+            for sql, params in statements:
+                cursor.execute(sql, params, prepare=True)
+            if commit:
+                cursor.execute("COMMIT", prepare=False)
+        if commit or not statements or cursor.description is None:
+            return []
+        return cursor.fetchall()  # the last statement's: a cursor keeps its latest result
 
 
 def _listen(engine: sa.Engine) -> None:
