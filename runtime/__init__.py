@@ -1,6 +1,6 @@
 """Floor 2, the I/O shell: everything the pure cores leave to their drivers.
 
-RabbitMQ (``amqp``), the logs' databases (``store``, ``pgpipe``, ``journal``), the batch loop
+RabbitMQ (``amqp``), the logs' databases (``store``, ``pgbatch``, ``journal``), the batch loop
 (``driver``), outages and retries (``outages``), configuration (``config``), logging (``logs``),
 every error under one root (``errors``), tracing, metrics, heartbeats, crash points, and the
 in-memory broker that tests use in place of RabbitMQ (``memory``). It imports ``schemas`` and
