@@ -22,9 +22,16 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
+from runtime import tls
 from runtime.amqp_loop import AmqpLink, expect_close
 from runtime.amqp_loop import one_line as _one_line
-from runtime.errors import BrokerUnavailable, ConnectionLost, PublishError, PublishRefused
+from runtime.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    ConnectionLost,
+    PublishError,
+    PublishRefused,
+)
 from runtime.redaction import redact_url
 from schemas.topology import (
     DEAD_LETTER_EXCHANGE,
@@ -175,7 +182,10 @@ class AmqpChannel:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(max(1, attempts)),
             wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=2.0),
-            retry=tenacity.retry_if_exception_type(_RETRYABLE),
+            # an untrusted certificate stays untrusted however often it is tried
+            retry=tenacity.retry_if_exception(
+                lambda e: isinstance(e, _RETRYABLE) and tls.certificate_refused(e) is None
+            ),
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -184,6 +194,12 @@ class AmqpChannel:
                 with attempt:
                     self._connect_once()
         except _RETRYABLE as exc:
+            if (refused := tls.certificate_refused(exc)) is not None:
+                self._lost = f"certificate refused: {refused}"
+                raise ConfigurationError(
+                    f"RabbitMQ at {redact_url(self._url)} presented a certificate that is not "
+                    f"trusted: {refused} (cacertfile / {tls.CA_VARIABLE})"
+                ) from None
             self._lost = f"broker unavailable: {_one_line(exc)}"
             raise BrokerUnavailable(
                 f"cannot reach RabbitMQ at {redact_url(self._url)}: {_one_line(exc)}"
@@ -202,7 +218,7 @@ class AmqpChannel:
         )
 
     def _connect_once(self) -> None:
-        params = pika.URLParameters(self._url)
+        params = tls.amqp_parameters(self._url)
         params.heartbeat = HEARTBEAT_SECONDS
         params.blocked_connection_timeout = BLOCKED_CONNECTION_TIMEOUT_SECONDS
         params.client_properties = {"connection_name": self._connection_name}

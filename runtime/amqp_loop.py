@@ -48,6 +48,17 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _innermost(error: BaseException) -> BaseException:
+    """The error inside pika's connector errors (``.exceptions[-1]``, then ``.exception``)."""
+    while True:
+        inner = getattr(error, "exception", None)
+        if inner is None:
+            inner = (getattr(error, "exceptions", None) or (None,))[-1]
+        if not isinstance(inner, BaseException):
+            return error
+        error = inner
+
+
 class _ExpectedCloses(logging.Filter):
     """Drops pika's warning about a ``Channel.Close`` from the broker for the channels registered
     here with the reply code that is an answer to them (404 for a passive declare of a missing
@@ -203,6 +214,12 @@ class AmqpLink:
     def _on_open_error(self, _connection: Any, error: BaseException | str) -> None:
         if isinstance(error, str):
             self._closed_reason = pika.exceptions.AMQPConnectionError(error)
+        elif not isinstance(error, pika.exceptions.AMQPError):
+            # a failed TLS handshake comes as pika's connector error, outside AMQPError: made one
+            # here, so that it is retried and reported as any other failure to connect is
+            wrapped = pika.exceptions.AMQPConnectionError(one_line(_innermost(error)))
+            wrapped.__cause__ = error
+            self._closed_reason = wrapped
         else:
             self._closed_reason = error
         self.wake()
