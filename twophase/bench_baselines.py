@@ -59,7 +59,9 @@ def broker_ceiling(amqp_url: str, seconds: float = 5.0, batch: int = 500) -> flo
 def _delete_queue(amqp_url: str, queue: str) -> None:
     import pika
 
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    from runtime import tls
+
+    connection = pika.BlockingConnection(tls.amqp_parameters(amqp_url))
     try:
         connection.channel().queue_delete(queue)
     finally:

@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pika.exceptions
 
+from runtime import tls
 from schemas import topology
 from schemas.validation import CLIENT_ACCEPTS, DEFAULT_LIMITS, Limits
 from twophase.chaos_faults import Broker, BrokerError, vhost_of
@@ -138,7 +139,7 @@ def _text(value: Any) -> str:
 
 
 def _connect(amqp_url: str, name: str) -> pika.BlockingConnection:
-    params = pika.URLParameters(amqp_url)
+    params = tls.amqp_parameters(amqp_url)
     params.client_properties = {"connection_name": name}
     params.heartbeat = 60
     return pika.BlockingConnection(params)
