@@ -57,14 +57,20 @@ PROFILES: dict[str, Config] = {
 }
 
 
-def test_exhaustive_two_participants_one_transaction() -> None:
-    started = time.monotonic()
+def explore_all_clean(profiles: dict[str, Config]) -> dict[str, explorer.Result]:
+    """Explore every profile (two at a time) and require each to settle with no violation."""
     with ProcessPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(PROFILES, pool.map(explorer.explore, PROFILES.values()), strict=True))
+        results = dict(zip(profiles, pool.map(explorer.explore, profiles.values()), strict=True))
     for name, result in results.items():
         assert result.problem is None, f"{name}\n{result.report()}"
         print(f"{name}: {result.states} states, {result.settled} settled")
         assert result.settled > 0
+    return results
+
+
+def test_exhaustive_two_participants_one_transaction() -> None:
+    started = time.monotonic()
+    results = explore_all_clean(PROFILES)
     n = sum(r.states for r in results.values())
     print(f"explored {n} states in {time.monotonic() - started:.1f} s")
     assert n > 300_000
@@ -95,13 +101,7 @@ ONE_PHASE_PROFILES: dict[str, Config] = {
 
 
 def test_exhaustive_one_phase() -> None:
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        found = pool.map(explorer.explore, ONE_PHASE_PROFILES.values())
-        results = dict(zip(ONE_PHASE_PROFILES, found, strict=True))
-    for name, result in results.items():
-        assert result.problem is None, f"{name}\n{result.report()}"
-        print(f"{name}: {result.states} states, {result.settled} settled")
-        assert result.settled > 0
+    explore_all_clean(ONE_PHASE_PROFILES)
     # both answers are reached: the branch commits on some paths and aborts on others
     world = explorer.initial_world(Config(**ONE, bounds=NO_FAULTS))
     assert explorer.settle(world) is None
@@ -130,13 +130,7 @@ FORGETFUL_ONE_PHASE = Config(
 def test_exhaustive_with_every_finished_branch_forgotten_at_once() -> None:
     """A PREPARE, ABORT or question that comes after its branch was forgotten early must get
     the answer memory would have given: the log is read first (participant/core/machine.py)."""
-    profiles = {**FORGETFUL_PROFILES, "one phase, remembering nothing": FORGETFUL_ONE_PHASE}
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(profiles, pool.map(explorer.explore, profiles.values()), strict=True))
-    for name, result in results.items():
-        assert result.problem is None, f"{name}\n{result.report()}"
-        print(f"{name}: {result.states} states, {result.settled} settled")
-        assert result.settled > 0
+    explore_all_clean({**FORGETFUL_PROFILES, "one phase, remembering nothing": FORGETFUL_ONE_PHASE})
 
 
 def _walk_config(seed: int) -> Config:
