@@ -193,17 +193,21 @@ class AmqpChannel:
             for attempt in retrying:
                 with attempt:
                     self._connect_once()
+            return
         except _RETRYABLE as exc:
-            if (refused := tls.certificate_refused(exc)) is not None:
-                self._lost = f"certificate refused: {refused}"
-                raise ConfigurationError(
-                    f"RabbitMQ at {redact_url(self._url)} presented a certificate that is not "
-                    f"trusted: {refused} (cacertfile / {tls.CA_VARIABLE})"
+            refused = tls.certificate_refused(exc)
+            if refused is None:
+                self._lost = f"broker unavailable: {_one_line(exc)}"
+                raise BrokerUnavailable(
+                    f"cannot reach RabbitMQ at {redact_url(self._url)}: {_one_line(exc)}"
                 ) from None
-            self._lost = f"broker unavailable: {_one_line(exc)}"
-            raise BrokerUnavailable(
-                f"cannot reach RabbitMQ at {redact_url(self._url)}: {_one_line(exc)}"
-            ) from None
+        # raised outside the except clause: with the connection error as its context it would
+        # count as an outage (runtime.outages follows the context) and be waited for forever
+        self._lost = f"certificate refused: {refused}"
+        raise ConfigurationError(
+            f"RabbitMQ at {redact_url(self._url)} presented a certificate that is not "
+            f"trusted: {refused} (cacertfile / {tls.CA_VARIABLE})"
+        )
 
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None

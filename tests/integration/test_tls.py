@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from participant.reservation import ReservationResource
 from participant.resources import PostgresResource
-from runtime import tls
+from runtime import outages, tls
 from runtime.amqp import AmqpChannel, Delivery
 from runtime.errors import BrokerUnavailable, ConfigurationError
 from runtime.store import LogRow, RecordLog, check_connection, make_engine
@@ -185,6 +185,7 @@ def test_a_broker_signed_by_another_ca_is_refused_at_once(
     message = str(refused.value)
     assert "not trusted" in message and "certificate verify failed" not in message
     assert "\n" not in message and ":guest@" not in message  # one line, password redacted
+    assert not outages.is_outage(refused.value)  # so a service ends at start, does not wait
 
 
 def test_the_broker_refuses_a_client_certificate_of_another_ca(
