@@ -81,8 +81,16 @@ def _context(files: dict[str, str]) -> ssl.SSLContext:
             f"AMQP client key {key!r} given without a certificate (certfile / {CERT_VARIABLE})"
         )
     if cert:
+
+        def encrypted() -> bytes:
+            # without a callback OpenSSL would prompt on the terminal: a service would hang
+            raise ConfigurationError(
+                f"AMQP client key {key or cert!r} is encrypted: give an unencrypted key "
+                "(readable by this user only)"
+            )
+
         try:
-            context.load_cert_chain(certfile=cert, keyfile=key or None)
+            context.load_cert_chain(certfile=cert, keyfile=key or None, password=encrypted)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigurationError(
                 f"cannot use AMQP client certificate {cert!r}"

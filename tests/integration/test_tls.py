@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import psycopg
 import pytest
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
 
 from participant.reservation import ReservationResource
 from participant.resources import PostgresResource
@@ -200,6 +201,15 @@ def test_the_broker_refuses_a_client_certificate_of_another_ca(
 
 def test_unusable_tls_settings_are_one_line_configuration_errors(pki: Pki) -> None:
     missing = pki.directory / "missing.pem"
+    locked = pki.directory / "locked.key"
+    key = serialization.load_pem_private_key(pki.client.key.read_bytes(), None)
+    locked.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     cases = {
         f"amqps://u:p@127.0.0.1/?cacertfile={missing}": "cannot use AMQP CA file",
         f"amqps://u:p@127.0.0.1/?cacertfile={pki.ca.cert}&keyfile={pki.client.key}": (
@@ -209,6 +219,8 @@ def test_unusable_tls_settings_are_one_line_configuration_errors(pki: Pki) -> No
             "cannot use AMQP client certificate"
         ),
         f"amqp://u:p@127.0.0.1/?cacertfile={pki.ca.cert}": "use amqps://",
+        # an encrypted key must not make OpenSSL prompt on the terminal (a service would hang)
+        f"amqps://u:p@127.0.0.1/?certfile={pki.client.cert}&keyfile={locked}": "is encrypted",
     }
     for url, expected in cases.items():
         with pytest.raises(ConfigurationError, match=expected) as error:
