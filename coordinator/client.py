@@ -278,7 +278,7 @@ class Client:
                 connection_name=f"twophase-client-{self.client_id[:8]}",
                 connect_attempts=connect_attempts,
             )
-            channel.declare_queue(topology.COORDINATOR_QUEUE)
+            # not the coordinator's queue: the coordinator binds it (docs/architecture.md §11.1)
             channel.declare_queue(self.reply_queue, durable=False, exclusive=True)
             channel.consume(self.reply_queue)
         except BaseException as exc:

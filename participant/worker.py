@@ -210,8 +210,10 @@ class ParticipantWorker:
         cls, app: Participant, channel: AmqpChannel, journal: PrepareLog
     ) -> ParticipantWorker:
         queue = topology.participant_queue(app.name)
+        # Only its own queue: binding the coordinator's would need the topic permission to bind
+        # that key, with which a participant could bind its own queue to read the coordinator's
+        # traffic (docs/architecture.md §11.1). The coordinator binds its queue at start.
         channel.declare_queue(queue)
-        channel.declare_queue(topology.COORDINATOR_QUEUE)
         tracing.setup_from_env(f"twophase-{app.name}")
         trace = ParticipantTrace(app.name) if tracing.ENABLED else None
         side = ParticipantSide(

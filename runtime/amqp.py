@@ -38,6 +38,7 @@ from schemas.topology import (
     DEAD_LETTER_QUEUE,
     ERROR_HEADER,
     EXCHANGE,
+    EXCHANGE_TYPE,
     dead_letter_queue_arguments,
     durable_queue_arguments,
 )
@@ -244,7 +245,7 @@ class AmqpChannel:
             on_confirm = functools.partial(self._on_confirm, gen)
             link.call(channel, channel.confirm_delivery, ack_nack_callback=on_confirm)
             link.call(channel, channel.basic_qos, prefetch_count=self._prefetch)
-            for exchange, kind in ((EXCHANGE, "direct"), (DEAD_LETTER_EXCHANGE, "fanout")):
+            for exchange, kind in ((EXCHANGE, EXCHANGE_TYPE), (DEAD_LETTER_EXCHANGE, "fanout")):
                 link.call(
                     channel, channel.exchange_declare, exchange, exchange_type=kind, durable=True
                 )

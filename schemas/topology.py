@@ -1,7 +1,11 @@
 """RabbitMQ names shared by every process: data only, no pika calls.
 
-One durable direct exchange carries all protocol traffic; every queue is bound to it under its own
-name, so a routing key *is* a queue name and ``mandatory`` publishing detects a missing queue.
+One durable topic exchange carries all protocol traffic; every queue is bound to it under its own
+name (no wildcards: the names cannot hold ``*`` or ``#``), so a routing key *is* a queue name and
+``mandatory`` publishing detects a missing queue. Topic, not direct, because RabbitMQ's topic
+permissions restrict the routing key of a publish and the key of a binding per account, which is
+what keeps a participant or a client from sending to, or binding its queue to receive, another's
+traffic (docs/architecture.md §11.1). Each process binds only its own queue.
 Rejected or undecodable messages go to a fanout dead-letter exchange and its single durable queue.
 """
 
@@ -9,7 +13,10 @@ from __future__ import annotations
 
 import re
 
-EXCHANGE = "twophase"
+#: a new name: the direct exchange ``twophase`` of older vhosts cannot be re-declared as a topic
+#: exchange (PRECONDITION_FAILED), and it is simply no longer used
+EXCHANGE = "twophase.topic"
+EXCHANGE_TYPE = "topic"
 DEAD_LETTER_EXCHANGE = "twophase.dlx"
 DEAD_LETTER_QUEUE = "twophase.dead-letter"
 COORDINATOR_QUEUE = "twophase.coordinator"

@@ -1,13 +1,9 @@
 """The docker compose demo (compose/) agrees with the code: parsed, never run (no Docker engine).
 
-Checked: the compose file, the Dockerfile, the RabbitMQ definitions (topology, users, permission
-regexes) and the PostgreSQL init script, against ``schemas/topology.py``, the environment
-variables the code reads, the CLI, and the example bank.
-
-The permission checks model what each process declares, binds, consumes and publishes at start
-(``runtime/amqp.py``, ``coordinator/service.py``, ``participant/worker.py``,
-``coordinator/client.py``) with RabbitMQ's access-control table; when those change, change
-``REQUIRED`` below as well.
+Checked: the compose file, the Dockerfile, the RabbitMQ definitions' topology and the PostgreSQL
+init script, against ``schemas/topology.py``, the environment variables the code reads, the CLI,
+and the example bank. The RabbitMQ accounts are checked in ``test_compose_rabbitmq.py``, with the
+helpers defined here.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import json
 import re
 import shlex
 import tomllib
-import uuid
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -59,6 +54,7 @@ EXPECTED_PORTS = {  # service -> container ports published on the same host port
 SERVICES = {"rabbitmq", "postgres", "jaeger", "coordinator", "bank-a", "bank-b"}
 INFRASTRUCTURE = ("rabbitmq", "postgres")
 DEFAULT_EXCHANGE = "amq.default"  # how RabbitMQ names "" in permission checks
+CLIENT = "web"  # the client identity of the compose account "client"
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -139,6 +135,18 @@ def permissions(user: str, vhost: str = "/") -> dict[str, str]:
     found = [p for p in definitions()["permissions"] if p["user"] == user and p["vhost"] == vhost]
     assert len(found) == 1, f"expected one permission entry for {user!r} on vhost {vhost!r}"
     return {kind: str(found[0][kind]) for kind in ("configure", "write", "read")}
+
+
+def topic_permissions(user: str, vhost: str = "/") -> dict[str, str]:
+    """The routing keys ``user`` may publish with ("write") and bind with ("read") on the
+    protocol exchange."""
+    found = [
+        t
+        for t in definitions()["topic_permissions"]
+        if (t["user"], t["vhost"], t["exchange"]) == (user, vhost, topology.EXCHANGE)
+    ]
+    assert len(found) == 1, f"expected one topic permission entry for {user!r} on {vhost!r}"
+    return {kind: str(found[0][kind]) for kind in ("write", "read")}
 
 
 def allowed(regex: str, name: str) -> bool:
@@ -339,7 +347,7 @@ def test_definitions_vhost() -> None:
 def test_exchanges_match_the_topology() -> None:
     exchanges = {e["name"]: e for e in definitions()["exchanges"]}
     assert set(exchanges) == {topology.EXCHANGE, topology.DEAD_LETTER_EXCHANGE}
-    assert exchanges[topology.EXCHANGE]["type"] == "direct"
+    assert exchanges[topology.EXCHANGE]["type"] == topology.EXCHANGE_TYPE == "topic"
     assert exchanges[topology.DEAD_LETTER_EXCHANGE]["type"] == "fanout"
     for exchange in exchanges.values():  # as runtime/amqp.py declares them
         assert exchange["durable"] is True
@@ -388,160 +396,6 @@ def test_each_participant_service_has_its_queue() -> None:
     for name in participant_services():
         participant = env(name)["TWOPHASE_PARTICIPANT_NAME"]
         assert topology.participant_queue(participant) in queues, name
-
-
-# ---- RabbitMQ: users and permissions -----------------------------------------------------------
-
-
-def test_each_service_uses_its_own_rabbitmq_user() -> None:
-    seen: dict[str, str] = {}
-    for name in app_services():
-        url = env(name)["TWOPHASE_AMQP_URL"]
-        parts = urlsplit(url)
-        assert (parts.scheme, parts.hostname, parts.port) == ("amqp", "rabbitmq", 5672), name
-        user, password, vhost = amqp_user(url)
-        assert user in users(), f"{name}: no RabbitMQ user {user!r} in definitions.json"
-        assert users()[user].get("password") == password, f"{name}: password of {user!r}"
-        assert "administrator" not in str(users()[user].get("tags", "")), name
-        permissions(user, vhost)
-        assert user not in seen, f"{name} shares user {user!r} with {seen.get(user)}"
-        seen[user] = name
-    assert seen["coordinator"] == "coordinator"
-    for name in participant_services():
-        assert seen[env(name)["TWOPHASE_PARTICIPANT_NAME"]] == name
-
-
-def test_every_user_has_a_password_and_tags() -> None:
-    for user in definitions()["users"]:
-        assert user.get("password") or user.get("password_hash"), user["name"]
-        assert "tags" in user, user["name"]
-    assert "guest" not in users(), "no default user: every process has its own"
-    assert {"coordinator", "client", "admin"} <= set(users())
-
-
-def _shared() -> list[tuple[str, str]]:
-    """What every AmqpChannel connect needs: declare both exchanges and the dead-letter queue,
-    bind the dead-letter queue to the dead-letter exchange."""
-    return [
-        ("configure", topology.EXCHANGE),
-        ("configure", topology.DEAD_LETTER_EXCHANGE),
-        ("configure", topology.DEAD_LETTER_QUEUE),
-        ("write", topology.DEAD_LETTER_QUEUE),
-        ("read", topology.DEAD_LETTER_EXCHANGE),
-    ]
-
-
-def _declare_and_bind(queue: str) -> list[tuple[str, str]]:
-    # The x-dead-letter-exchange declare checks read on the queue and write on the DLX only when
-    # the queue is new; the definitions create the durable queues at boot.
-    return [("configure", queue), ("write", queue), ("read", topology.EXCHANGE)]
-
-
-def _consume(queue: str) -> list[tuple[str, str]]:
-    return [("read", queue)]
-
-
-def _publish(exchange: str) -> list[tuple[str, str]]:
-    return [("write", exchange)]
-
-
-def required(user: str) -> list[tuple[str, str]]:
-    """(permission, resource name) the user's process needs with the code as written."""
-    if user == "coordinator":
-        queue = topology.COORDINATOR_QUEUE
-        return [
-            *_shared(),
-            *_declare_and_bind(queue),
-            *_consume(queue),
-            *_publish(topology.EXCHANGE),
-            *_publish(topology.DEAD_LETTER_EXCHANGE),  # undecodable messages
-        ]
-    if user == "client":
-        queue = topology.client_queue(uuid.uuid4().hex)
-        return [
-            *_shared(),
-            *_declare_and_bind(topology.COORDINATOR_QUEUE),
-            *_declare_and_bind(queue),
-            *_consume(queue),
-            *_publish(topology.EXCHANGE),
-        ]
-    queue = topology.participant_queue(user)
-    return [
-        *_shared(),
-        *_declare_and_bind(queue),
-        *_declare_and_bind(topology.COORDINATOR_QUEUE),
-        *_consume(queue),
-        *_publish(topology.EXCHANGE),
-        *_publish(topology.DEAD_LETTER_EXCHANGE),
-    ]
-
-
-def protocol_users() -> list[str]:
-    participants = [env(name)["TWOPHASE_PARTICIPANT_NAME"] for name in participant_services()]
-    return ["coordinator", "client", *participants]
-
-
-@pytest.mark.parametrize("user", ["coordinator", "client", "bank-a", "bank-b"])
-def test_permissions_grant_what_the_code_needs(user: str) -> None:
-    granted = permissions(user)
-    missing = [(perm, name) for perm, name in required(user) if not allowed(granted[perm], name)]
-    assert not missing, f"{user} would be refused: {missing}"
-
-
-def _others(user: str) -> list[str]:
-    """Queues ``user`` has no business with, including names that extend its own."""
-    participants = [u for u in protocol_users() if u not in ("coordinator", "client")]
-    queues = [topology.participant_queue(p) for p in participants if p != user]
-    queues += [topology.participant_queue("bank-c"), topology.DEAD_LETTER_QUEUE]
-    queues += [name + "x" for name in (topology.COORDINATOR_QUEUE, topology.EXCHANGE)]
-    if user != "coordinator":
-        queues.append(topology.COORDINATOR_QUEUE)
-    if user not in ("coordinator", "client"):
-        queues.append(topology.participant_queue(user) + "2")
-    if user != "client":
-        queues.append(topology.client_queue(uuid.uuid4().hex))
-    return queues
-
-
-@pytest.mark.parametrize("user", ["coordinator", "client", "bank-a", "bank-b"])
-def test_permissions_are_least_privilege(user: str) -> None:
-    granted = permissions(user)
-    for name in _others(user):
-        assert not allowed(granted["read"], name), f"{user} may consume {name}"
-    for name in _others(user):
-        if name in (topology.COORDINATOR_QUEUE, topology.DEAD_LETTER_QUEUE):
-            continue  # re-declared (and re-bound) by every process: see compose/README.md
-        assert not allowed(granted["configure"], name), f"{user} may configure {name}"
-        assert not allowed(granted["write"], name), f"{user} may bind {name}"
-    # Publishing is checked on the exchange: nobody may use the default exchange (which reaches
-    # any queue by name) nor an exchange other than the topology's.
-    for exchange in (DEFAULT_EXCHANGE, "amq.direct", "amq.topic", "twophase.other"):
-        assert not allowed(granted["write"], exchange), f"{user} may publish to {exchange}"
-
-
-def test_participant_reads_only_its_own_queue() -> None:
-    coordinator_queue = topology.COORDINATOR_QUEUE
-    for name in participant_services():
-        participant = env(name)["TWOPHASE_PARTICIPANT_NAME"]
-        read = permissions(amqp_user(env(name)["TWOPHASE_AMQP_URL"])[0])["read"]
-        assert allowed(read, topology.participant_queue(participant))
-        assert not allowed(read, coordinator_queue)
-        for other in participant_services():
-            if other != name:
-                other_queue = topology.participant_queue(env(other)["TWOPHASE_PARTICIPANT_NAME"])
-                assert not allowed(read, other_queue), f"{name} may read {other_queue}"
-
-
-def test_coordinator_reads_only_its_own_queue() -> None:
-    read = permissions("coordinator")["read"]
-    assert allowed(read, topology.COORDINATOR_QUEUE)
-    for name in participant_services():
-        queue = topology.participant_queue(env(name)["TWOPHASE_PARTICIPANT_NAME"])
-        assert not allowed(read, queue)
-
-
-def test_no_topic_permissions_on_a_direct_exchange() -> None:
-    assert definitions().get("topic_permissions", []) == []
 
 
 # ---- PostgreSQL -------------------------------------------------------------------------------
