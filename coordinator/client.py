@@ -37,9 +37,16 @@ from types import TracebackType
 from typing import Any
 
 from runtime import config, outages, tracing
-from runtime.amqp import AmqpChannel
+from runtime.amqp import AmqpChannel, Delivery
+from runtime.auth import Auth, Refusal, Verified
 from runtime.driver import now_ms
-from runtime.errors import ClientClosed, ConnectionLost, LimitExceeded, OutcomeUnknown
+from runtime.errors import (
+    ClientClosed,
+    ConfigurationError,
+    ConnectionLost,
+    LimitExceeded,
+    OutcomeUnknown,
+)
 from runtime.redaction import redact_url
 from schemas import topology
 from schemas.codec import decode_message, encode
@@ -49,11 +56,13 @@ from schemas.messages import (
     Branch,
     Envelope,
     Enveloped,
+    Message,
     Outcome,
     OutcomeKind,
     Protocol,
     StatusQuery,
 )
+from schemas.permissions import Role, client_reply_queue
 from schemas.validation import (
     CLIENT_ACCEPTS,
     DEFAULT_LIMITS,
@@ -114,15 +123,28 @@ class Client:
         connect_attempts: int = 1,
         resend_after_s: float | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        key_file: str | None = None,
+        keyring: str | None = None,
     ) -> None:
         """``amqp_url`` defaults to ``TWOPHASE_AMQP_URL`` (else the local broker);
         ``connect_attempts`` bounds the first connection only (later ones wait for the broker);
-        ``limits`` are the deployment's (see :func:`runtime.config.limits`)."""
+        ``limits`` are the deployment's (see :func:`runtime.config.limits`); ``key_file`` and
+        ``keyring`` (default ``TWOPHASE_KEY_FILE``, ``TWOPHASE_KEYRING``) a client's key and
+        the keys it accepts replies from (runtime.config.auth: none, authentication is off)."""
         self.amqp_url = config.amqp_url(amqp_url)
         self.limits = limits
         self._dropped, self._dropped_since = 0, 0.0
         self.client_id = uuid.uuid4().hex
-        self.reply_queue = topology.client_queue(self.client_id)
+        self.auth: Auth | None = config.auth(key_file, keyring, None)
+        if self.auth is None:
+            self.reply_queue = topology.client_queue(self.client_id)
+        elif self.auth.identity.role is not Role.CLIENT:
+            raise ConfigurationError(
+                f"the key of a Client is a client's (client:NAME), not {self.auth.identity}'s"
+            )
+        else:
+            # a queue its key owns: the coordinator refuses a Begin whose replies go elsewhere
+            self.reply_queue = client_reply_queue(self.auth.identity.name, self.client_id)
         self._resend_after_s = resend_after_s
         self._outgoing: deque[_Queued] = deque()
         self._pending: dict[str, _Pending] = {}
@@ -336,18 +358,37 @@ class Client:
         log.debug("client dropped a reply: %s", why)
         now = time.monotonic()
         if now - self._dropped_since >= _DROP_REPORT_S:
-            log.warning("client dropped %d replies that were not outcomes", self._dropped)
+            log.warning("client dropped %d replies that were not valid outcomes", self._dropped)
             self._dropped, self._dropped_since = 0, now
+
+    def _admit(self, delivery: Delivery) -> Message | Refusal | None:
+        """The reply, or why it is refused (dead-lettered), or None if it is dropped. With a
+        key, only the coordinator's signature makes an Outcome valid (§11): verified before
+        decoding, authorised after."""
+        auth, verified = self.auth, None
+        if auth is not None:
+            verified = auth.verify(delivery.body, delivery.headers, self.reply_queue)
+            if isinstance(verified, Refusal):
+                return verified
+        try:
+            message = check(decode_message(delivery.body), now_ms(), self.limits, CLIENT_ACCEPTS)
+        except ProtocolError as exc:
+            self._drop_reply(str(exc))
+            return None
+        if auth is not None and isinstance(verified, Verified):
+            return auth.authorise(verified, self.reply_queue, message) or message
+        return message
 
     def _turn(self, channel: AmqpChannel) -> None:
         deliveries = channel.poll(0.0 if self._outgoing else 0.1)
+        refused: list[tuple[Delivery, str]] = []
         for delivery in deliveries:
-            try:
-                message = check(
-                    decode_message(delivery.body), now_ms(), self.limits, CLIENT_ACCEPTS
-                )
-            except ProtocolError as exc:
-                self._drop_reply(str(exc))
+            message = self._admit(delivery)
+            if isinstance(message, Refusal):
+                refused.append((delivery, str(message)))
+                self._drop_reply(str(message))  # said once per period, not per forgery
+                continue
+            if message is None:
                 continue
             inner = (
                 [i.message for i in message.messages]
@@ -357,6 +398,8 @@ class Client:
             for reply in inner:
                 if isinstance(reply, Outcome):
                     self._resolve(reply)
+        if refused:  # a forgery is kept for whoever investigates, and never reaches a caller
+            channel.dead_letter_many(refused)
         channel.ack(deliveries)
         self._resend_due()
         with self._lock:
@@ -393,19 +436,29 @@ class Client:
         if len(items) == 1:
             message, traceparent = items[0]
             headers = {topology.TRACEPARENT_HEADER: traceparent} if traceparent else None
-            channel.publish(queue, encode(message), headers=headers)
+            body = encode(message)
+            channel.publish(queue, body, headers=self._signed(body, queue, message, headers))
         else:
-            body = encode(
-                Envelope(messages=tuple(Enveloped(message=m, traceparent=t) for m, t in items))
+            envelope = Envelope(
+                messages=tuple(Enveloped(message=m, traceparent=t) for m, t in items)
             )
+            body = encode(envelope)
             if len(body) > self.limits.max_message_bytes:
                 half = len(items) // 2
                 self._publish_to(channel, queue, items[:half])
                 self._publish_to(channel, queue, items[half:])
                 return
-            channel.publish(queue, body)
+            channel.publish(queue, body, headers=self._signed(body, queue, envelope, None))
         self.messages_sent += 1
         self.protocol_messages_sent += len(items)
+
+    def _signed(
+        self, body: bytes, queue: str, message: Message, headers: dict[str, str] | None
+    ) -> dict[str, str] | None:
+        """``headers`` plus the signature, once per AMQP message (§11); as they are if off."""
+        if self.auth is None:
+            return headers
+        return {**(headers or {}), **self.auth.sign(body, queue, message)}
 
     def _resolve(self, outcome: Outcome) -> None:
         with self._lock:

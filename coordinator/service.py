@@ -24,6 +24,8 @@ from coordinator.core import (
 from coordinator.log import DecisionLog
 from runtime import logs, outages, tracing
 from runtime.amqp import AmqpChannel
+from runtime.auth import Auth
+from runtime.config import warn_auth_off
 from runtime.driver import BatchDriver, DriverStats, build_or_close, now_ms
 from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
@@ -64,6 +66,10 @@ class CoordinatorConfig:
     #: participants known from the start (``TWOPHASE_PARTICIPANTS``): they get a
     #: ``twophase_participant_up`` series at once; others once they take part in a transaction
     participants: tuple[str, ...] = ()
+    #: the coordinator's key and the keys it accepts (runtime.config.auth); None: off (§11)
+    auth: Auth | None = None
+    #: run without a key on purpose (``--insecure``): said in the warning that auth is off
+    insecure: bool = False
 
 
 class CoordinatorSide:
@@ -250,6 +256,7 @@ class CoordinatorService:
             max_batch=config.prefetch,
             limits=config.limits,
             accepts=COORDINATOR_ACCEPTS,
+            auth=config.auth,
         )
         service = cls(config, driver, side, observer)
         driver.every(60.0, lambda now: side.collect_garbage(now, config.retention_s))
@@ -363,4 +370,6 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         topology.COORDINATOR_QUEUE,
         redact_url(config.log_url),
     )
+    if config.auth is None:
+        warn_auth_off(config.insecure)
     service.serve_forever()

@@ -35,11 +35,13 @@ from participant.side import OwnEffect, ParticipantObserver, ParticipantSide
 from participant.units import UnitOfWork, unit_of_work
 from runtime import config, outages, tracing
 from runtime.amqp import AmqpChannel
+from runtime.auth import Auth
 from runtime.driver import BatchDriver, DriverStats, build_or_close
 from runtime.heartbeat import HeartbeatSender
 from runtime.metrics import MetricsServer, ParticipantMetrics
 from runtime.tracing_spans import ParticipantTrace
 from schemas import topology
+from schemas.permissions import participant
 from schemas.records import ParticipantRecord
 from schemas.validation import PARTICIPANT_ACCEPTS, Limits
 
@@ -95,7 +97,11 @@ class Participant:
         metrics_port: int | None = None,
         metrics_registry: CollectorRegistry | None = None,
         limits: Limits | None = None,
+        auth: Auth | None = None,
     ) -> None:
+        """``auth``: the participant's key and keyring; not given, they are read from
+        ``TWOPHASE_KEY_FILE`` / ``TWOPHASE_KEYRING`` when the worker starts (or by
+        :meth:`configure_auth`)."""
         topology.participant_queue(name)  # validates the name
         self.name = name
         self.resource = resource
@@ -115,12 +121,26 @@ class Participant:
         #: where the metrics are registered (default: the global registry); given one, the
         #: worker counts even without a port
         self.metrics_registry = metrics_registry
+        self.auth = auth
+        #: run without a key on purpose (``--insecure``): said in the warning that auth is off
+        self.insecure = False
+        #: whether ``auth`` is settled (given, or read by configure_auth)
+        self._auth_configured = auth is not None
         self.registry = OperationRegistry()
         #: builds the channel: AmqpChannel, or twophase.memory's double in tests
         self.channel_factory: Callable[..., Any] | None = None
         self._worker: ParticipantWorker | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+
+    def configure_auth(
+        self, key_file: str | None = None, keyring: str | None = None, *, insecure: bool = False
+    ) -> None:
+        """Read the key (flags over ``TWOPHASE_KEY_FILE`` / ``TWOPHASE_KEYRING``); none: off,
+        said once at WARNING (runtime.config.auth). ConfigurationError for one that cannot work."""
+        # said once the worker is ready: a start that fails says one line, its error
+        self.auth = config.auth(key_file, keyring, participant(self.name), warn=False)
+        self.insecure, self._auth_configured = insecure, True
 
     def operation(self, name: str) -> Callable[[Handler], OperationHandle]:
         def register(handler: Handler) -> OperationHandle:
@@ -199,6 +219,8 @@ class ParticipantWorker:
         resource; on any failure, close what was opened (the resource is the app's to close).
         Nothing is served until :meth:`serve_forever`."""
         app.resource.bind(app.name)
+        if not app._auth_configured:
+            app.configure_auth()
         return build_or_close(
             PrepareLog(app.log_url, app.name),
             lambda: _open_channel(app, prefetch=app.prefetch, suffix=""),
@@ -248,6 +270,7 @@ class ParticipantWorker:
             max_batch=app.prefetch,
             limits=app.limits,
             accepts=PARTICIPANT_ACCEPTS,
+            auth=app.auth,
         )
         driver.every(min(5.0, app.orphan_after_s), side.watch_orphans)
         driver.every(60.0, side.collect_garbage)
@@ -332,6 +355,8 @@ class ParticipantWorker:
             self.queue,
             outages.describe(self.driver.watch.dependencies),
         )
+        if app.auth is None:
+            config.warn_auth_off(app.insecure)
         with contextlib.ExitStack() as opened:
             opened.callback(self.prepare_log.close)
             opened.callback(self.driver.channel.close)
@@ -340,6 +365,7 @@ class ParticipantWorker:
                 app.heartbeat_interval_s,
                 lambda: _open_channel(app, prefetch=1, suffix="-heartbeat"),
                 lambda: self.driver.last_progress,
+                auth=app.auth,
             )
             if app.metrics_port:
                 opened.callback(MetricsServer(app.metrics_port, app.metrics_registry).close)

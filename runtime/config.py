@@ -34,16 +34,22 @@ limits is dead-lettered there.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from runtime.auth import KEY_FILE_VARIABLE, KEYRING_VARIABLE, Auth, load_auth
 from runtime.errors import ConfigurationError
 from runtime.redaction import redact_url
 from schemas import topology
+from schemas.permissions import Identity
 from schemas.validation import DEFAULT_LIMITS, TX_ID_HARD_MAX, Limits
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+log = logging.getLogger("twophase.config")
+_warned_auth_off = False
 
 
 def setting(flag: str | None, variable: str, default: str) -> str:
@@ -177,3 +183,41 @@ def participant_names() -> tuple[str, ...]:
                 "'.', '_' or '-', at most 100)"
             )
     return names
+
+
+def auth(
+    key_file: str | None,
+    keyring: str | None,
+    identity: Identity | None,
+    *,
+    insecure: bool = False,
+    warn: bool = True,
+) -> Auth | None:
+    """This process's key and keyring (``--key-file`` / ``TWOPHASE_KEY_FILE``, ``--keyring`` /
+    ``TWOPHASE_KEYRING``; runtime.auth.load_auth), or None with neither set: authentication off,
+    said by :func:`warn_auth_off` (here unless ``warn`` is false: a service says it once it is
+    ready, so that a start that fails still says one line, its error). ConfigurationError, one
+    line, for a key that cannot work (or is not ``identity``'s)."""
+    key_text = setting(key_file, KEY_FILE_VARIABLE, "")
+    keyring_text = setting(keyring, KEYRING_VARIABLE, "")
+    if key_text or keyring_text:
+        return load_auth(key_text, keyring_text, identity=identity, environ={})
+    if warn:
+        warn_auth_off(insecure)
+    return None
+
+
+def warn_auth_off(insecure: bool) -> None:
+    """Say once per process at WARNING that authentication is off. ``insecure``
+    (``--insecure``) only says that it is meant: for now a process without a key still runs
+    (making keys mandatory for the services is a later step, §11)."""
+    global _warned_auth_off
+    if not _warned_auth_off:
+        _warned_auth_off = True  # once: every Client of a process would say it again
+        log.warning(
+            "authentication off%s: no %s / %s, so any broker account can forge messages",
+            " (--insecure)" if insecure else "",
+            KEY_FILE_VARIABLE,
+            KEYRING_VARIABLE,
+        )
+    return None

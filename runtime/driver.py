@@ -32,6 +32,7 @@ import msgspec
 
 from runtime import logs, outages, selfstats
 from runtime.amqp import AmqpChannel, Delivery
+from runtime.auth import Auth, Refusal, Verified
 from runtime.crashpoints import crashpoint
 from runtime.errors import ConnectionLost, PublishError, PublishRefused
 from runtime.journal import Journal
@@ -126,6 +127,7 @@ class BatchDriver(Generic[E, F, R]):
         idle_poll_s: float = 0.2,
         limits: Limits = DEFAULT_LIMITS,
         accepts: tuple[type[Message], ...] | None = None,
+        auth: Auth | None = None,
     ) -> None:
         """Assemble the loop; nothing is connected, read or started here (the composition
         root of each process does that: configure, connect, recover, serve)."""
@@ -144,6 +146,8 @@ class BatchDriver(Generic[E, F, R]):
         self.limits = limits
         #: the protocol message types this driver's queue takes (None: any)
         self.accepts = accepts
+        #: signs what this driver publishes and verifies what it consumes (None: off, §11)
+        self.auth = auth
         self.timers = Timers()
         self.stats = DriverStats()
         #: time.monotonic() of the last turn that did not fail (the heartbeats report a stall)
@@ -412,12 +416,22 @@ class BatchDriver(Generic[E, F, R]):
         poison = self._suspects.poison(delivery)
         if poison is not None:
             return "poison", poison
+        auth, verified = self.auth, None
+        if auth is not None:
+            # before decoding: a forger must not reach the decoder (or the core) at all
+            verified = auth.verify(delivery.body, delivery.headers, self.queue)
+            if isinstance(verified, Refusal):
+                return verified.reason, verified.detail
         try:
             message: Message = check(decode_message(delivery.body), now, self.limits, self.accepts)
         except DecodeError as exc:
             return "undecodable", exc.cause
         except InvalidMessage as exc:
             return "invalid", str(exc)
+        if auth is not None and isinstance(verified, Verified):
+            refusal = auth.authorise(verified, self.queue, message)
+            if refusal is not None:
+                return refusal.reason, refusal.detail
         if isinstance(message, Envelope):
             return [Incoming(item.message, item.traceparent) for item in message.messages]
         traceparent = traceparent_or_empty(delivery.headers.get(TRACEPARENT_HEADER, ""))
@@ -522,10 +536,10 @@ class BatchDriver(Generic[E, F, R]):
         """One AMQP message per queue and batch: an envelope when there are several, split in
         halves while it is larger than the receiver accepts."""
         try:
+            message: Message
             if len(sends) == 1:
-                send = sends[0]
-                body = encode(send.message)
-                headers = self._headers_for(send)
+                message = sends[0].message
+                body, headers = encode(message), self._headers_for(sends[0])
             else:
                 items = tuple(
                     Enveloped(
@@ -534,12 +548,15 @@ class BatchDriver(Generic[E, F, R]):
                     )
                     for send in sends
                 )
-                body, headers = encode(Envelope(messages=items)), None
+                message = Envelope(messages=items)
+                body, headers = encode(message), None
                 if len(body) > self.limits.max_message_bytes:
                     half = len(sends) // 2
                     self._publish_to(queue, sends[:half])
                     self._publish_to(queue, sends[half:])
                     return
+            if self.auth is not None:  # once per AMQP message, envelope or not (§11)
+                headers = {**(headers or {}), **self.auth.sign(body, queue, message)}
             self.channel.publish(queue, body, headers=headers)
         except PublishRefused as exc:
             log.warning("%s: cannot publish to %s (%s); dropped", self.name, queue[:80], exc)
@@ -554,10 +571,6 @@ class BatchDriver(Generic[E, F, R]):
         if self._sends:
             log.info("re-publishing %d messages after reconnecting", len(self._sends))
             self._publish()
-
-    def publish_now(self, queue: str, body: bytes, *, persistent: bool = False) -> None:
-        """Fire-and-forget side traffic (heartbeats): no confirm is waited for."""
-        self.channel.publish(queue, body, persistent=persistent, mandatory=False)
 
     def serve_forever(self) -> None:
         try:

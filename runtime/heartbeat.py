@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runtime import outages
+from runtime.auth import Auth
 from schemas import topology
 from schemas.codec import encode
 from schemas.messages import Heartbeat
@@ -34,12 +35,15 @@ class HeartbeatSender:
         last_progress: Callable[[], float],
         *,
         stall_s: float = 30.0,
+        auth: Auth | None = None,
     ) -> None:
         self.participant = participant
         self.interval_s = interval_s
         self._open_channel = open_channel
         self._last_progress = last_progress
         self.stall_s = stall_s
+        #: signs each heartbeat: the coordinator must not take a forged one (§11)
+        self.auth = auth
         self.sent = 0
         #: when the connection was lost (None: connected, or not yet)
         self._lost_at: float | None = None
@@ -79,7 +83,9 @@ class HeartbeatSender:
     def _beat(self, channel: Any, interval_ms: int) -> None:
         now_ms = time.time_ns() // 1_000_000
         beat = Heartbeat(participant=self.participant, sent_at_ms=now_ms, interval_ms=interval_ms)
-        channel.publish(topology.COORDINATOR_QUEUE, encode(beat), persistent=False, mandatory=False)
+        body, queue = encode(beat), topology.COORDINATOR_QUEUE
+        headers = None if self.auth is None else self.auth.sign(body, queue, beat)
+        channel.publish(queue, body, headers=headers, persistent=False, mandatory=False)
         channel.poll(0)  # lets the connection read confirms and broker heartbeats
         self.sent += 1
 

@@ -20,7 +20,9 @@ Participant (labelled ``participant``)
     ``twophase_votes_total{vote}``                    votes sent, by result
 Both (labelled ``service``)
     ``twophase_dead_letters_total{queue,reason}``     messages dead-lettered (reason: oversized,
-                                                      undecodable, invalid, poison)
+                                                      undecodable, invalid, poison, bad
+                                                      signature, unknown key, sender may not
+                                                      send this)
     ``twophase_dependency_up{dependency}``            0 during an outage (runtime.outages)
     ``twophase_batch_messages``                       deliveries per batch (histogram)
     ``twophase_log_flushes_total``, ``twophase_log_records_total``,
@@ -151,7 +153,8 @@ def families(registry: CollectorRegistry | None = None) -> _Families:
             dead_letters=Counter(
                 "twophase_dead_letters",
                 "Messages dead-lettered, by the queue they arrived on and why: oversized, "
-                "undecodable, invalid or poison",
+                "undecodable, invalid, poison, or an authentication refusal (bad signature, "
+                "unknown key, sender may not send this)",
                 ["queue", "reason"],
                 registry=r,
             ),

@@ -12,9 +12,9 @@ an **observer**, which traces and counts. Both are protocols, generic over the s
 so that mypy checks each side against the core it drives. The effects every core shares
 (``CoreEffect``) the driver applies itself.
 
-Two planned capabilities plug in here and in the driver, nowhere else: authentication in the
-driver's ``_admit`` (verify before decode), and partition fencing in :meth:`Side.write_records`,
-the one log write of a batch (§10).
+Two capabilities plug in here and in the driver, nowhere else: authentication in the driver's
+``_admit`` (verify before decode; wired, §11), and partition fencing, planned, in
+:meth:`Side.write_records`, the one log write of a batch (§10).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from runtime import config, logs, outages, store
 from runtime.errors import BrokerUnavailable, ConfigurationError, ResourceError
 from runtime.redaction import redact_url
+from schemas.permissions import COORDINATOR
 from twophase import admin_cli, keys_cli
 from twophase.apps import load_app
 
@@ -50,6 +51,8 @@ def _coordinator(args: argparse.Namespace) -> int:
         settings=settings,
         metrics_port=config.metrics_port(args.metrics_port, 9464),
         metrics_best_effort=args.metrics_port is None and "TWOPHASE_METRICS_PORT" not in os.environ,
+        auth=config.auth(args.key_file, args.keyring, COORDINATOR, warn=False),
+        insecure=args.insecure,
     )
     store.database_url(coordinator.log_url)  # a URL that cannot work ends here, not in the wait
     wait_for_dependencies(
@@ -73,6 +76,8 @@ def _participant(args: argparse.Namespace) -> int:
         app.log_url = args.log_url
     if args.metrics_port is not None:
         app.metrics_port = config.metrics_port(args.metrics_port, 0)
+    if app.auth is None:  # an app that brings its own key keeps it
+        app.configure_auth(args.key_file, args.keyring, insecure=args.insecure)
     store.database_url(app.log_url)  # a URL that cannot work ends here, not in the wait
     # The databases first: a database that does not exist ends the start before the broker
     # probe's connection (and anything it logs) is made.
@@ -216,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--data-dir", help="directory of the default SQLite logs [TWOPHASE_DATA_DIR]"
         )
 
+    def keys(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--key-file", help="this service's secret key [TWOPHASE_KEY_FILE]")
+        p.add_argument("--keyring", help="directory of the peers' public keys [TWOPHASE_KEYRING]")
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="run without a key on purpose: any broker account can forge messages",
+        )
+
     def log_format(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--log-format",
@@ -230,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", help="Prometheus endpoint port, 0 disables [TWOPHASE_METRICS_PORT, 9464]"
     )
     log_format(p)
+    keys(p)
     p.add_argument("--prefetch", help="deliveries per batch [TWOPHASE_PREFETCH]")
     p.add_argument(
         "--liveness-timeout", help="seconds without heartbeat [TWOPHASE_LIVENESS_TIMEOUT]"
@@ -248,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", help="Prometheus endpoint port, 0 disables [TWOPHASE_METRICS_PORT, 0]"
     )
     log_format(p)
+    keys(p)
     p.set_defaults(run=_participant)
 
     p = sub.add_parser("demo", help="move money between three bank participants")
