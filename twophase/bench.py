@@ -34,7 +34,7 @@ from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank, bench_machine
 from twophase.bench_baselines import broker_ceiling, naive_two_phase_commit
 from twophase.bench_report import percentile, plot_sweep, print_table
-from twophase.processes import ServiceGroup
+from twophase.processes import Keys, ServiceGroup
 
 RESOURCES = ("reservation", "postgres", "sqlite")
 #: the steps of a driver's turn whose wall time the services count (``DriverStats``)
@@ -74,6 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("on", "off"),
         default="on",
         help="single-branch transactions in one phase (the coordinator's TWOPHASE_ONE_PHASE)",
+    )
+    p.add_argument(
+        "--auth",
+        choices=("on", "off"),
+        default="on",
+        help="on: every process and the client sign and verify with keys the bench makes in its"
+        " work directory; off: as the environment says (no key there: none)",
     )
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
@@ -374,6 +381,7 @@ def _run(
             "resource": args.resource,
             "log": args.log,
             "one_phase": args.one_phase,
+            "auth": args.auth,
             "mode": f"open loop at {args.rate}/s"
             if args.rate
             else f"closed loop, {args.concurrency} in flight",
@@ -381,7 +389,8 @@ def _run(
             "warmup_s": args.warmup,
         }
     }
-    with ServiceGroup(url, workdir) as services:
+    keys = Keys(workdir / "keys", names, ["bench"]) if args.auth == "on" else None
+    with ServiceGroup(url, workdir, keys=keys) as services:
         services.start_coordinator(
             TWOPHASE_LOG_URL=log_url("coordinator"),
             TWOPHASE_STATS_FILE=stats.path("coordinator"),
@@ -396,7 +405,8 @@ def _run(
                 TWOPHASE_STATS_FILE=stats.path(name),
             )
         services.wait_ready([topology.COORDINATOR_QUEUE, *map(topology.participant_queue, names)])
-        with Client(url) as client:
+        key_file, keyring = keys.client("bench") if keys else (None, None)
+        with Client(url, key_file=key_file, keyring=keyring) as client:
             load = Load(client, names)
             result.update(measure(load, args, stats, args.rate))
             if args.plot:

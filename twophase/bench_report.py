@@ -24,6 +24,8 @@ def print_table(result: dict[str, Any], out: IO[str]) -> None:
         title=(
             f"twophase bench: {setup['participants']} participants, {setup['resource']} resources, "
             f"{setup['log']} logs, {setup['mode']}, {setup['duration_s']:.0f} s"
+            # results written before --auth existed have no such key
+            + (f", authentication {setup['auth']}" if "auth" in setup else "")
         )
     )
     table.add_column("figure")

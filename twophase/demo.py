@@ -25,7 +25,7 @@ from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank
 from twophase.bench_report import percentile
-from twophase.processes import ServiceGroup
+from twophase.processes import Keys, ServiceGroup
 
 BANKS = ("bank-a", "bank-b", "bank-c")
 OPENING_BALANCE = 1_000
@@ -142,7 +142,9 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     total_before = sum(bank.totals(str(db), name)[0] for name, db in dbs.items())
 
-    with ServiceGroup(url, workdir) as services:
+    # authentication on, as the issue asks of the demo (14): keys of its own, in its data dir
+    keys = Keys(workdir / "keys", BANKS, ["demo"])
+    with ServiceGroup(url, workdir, keys=keys) as services:
         services.start_coordinator()
         for name, db in dbs.items():
             services.start_bank(name, str(db))
@@ -150,7 +152,8 @@ def run_demo(args: argparse.Namespace) -> int:
             [topology.COORDINATOR_QUEUE, *(topology.participant_queue(b) for b in BANKS)]
         )
         started = time.perf_counter()
-        with Client(url) as client:
+        key_file, keyring = keys.client("demo")
+        with Client(url, key_file=key_file, keyring=keyring) as client:
             result = _with_progress(args, client)
         elapsed = time.perf_counter() - started
         total_after, held = wait_until_settled(dbs)

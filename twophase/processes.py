@@ -11,21 +11,65 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+from runtime import auth
 from runtime.amqp import AmqpChannel
 from runtime.errors import TwophaseError
+from schemas import permissions
+from schemas.permissions import Identity
 
 
 class ServiceError(TwophaseError, RuntimeError):
     """A service of the group exited before it consumed, or did not consume in time."""
 
 
+class Keys:
+    """The keys of one group (``twophase keys init`` alike): ``DIR/IDENTITY.key`` and
+    ``DIR/keyring``, so that the demo and the bench run with authentication on (issue 14)."""
+
+    def __init__(
+        self, directory: Path, participants: Iterable[str], clients: Iterable[str]
+    ) -> None:
+        self.directory = directory
+        self.keyring = directory / "keyring"
+        # owner only, as `keys init` makes it: the secret keys are inside
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.keyring.mkdir(mode=0o755, exist_ok=True)
+        identities = [permissions.COORDINATOR]
+        identities += [permissions.participant(name) for name in participants]
+        identities += [permissions.client(name) for name in clients]
+        for identity in identities:
+            path = auth.secret_key_path(directory, identity)
+            # a demo's --data-dir is reused run after run: keep its keys (never overwritten)
+            if path.exists():
+                key = auth.read_secret_key(path)
+            else:
+                key = auth.generate(identity)
+                auth.write_secret_key(path, key)
+            auth.write_public_key(self.keyring, identity, key.public)
+
+    def key_file(self, identity: Identity) -> str:
+        return str(auth.secret_key_path(self.directory, identity))
+
+    def client(self, name: str) -> tuple[str, str]:
+        """The ``key_file`` and ``keyring`` arguments of a Client named ``name``."""
+        return self.key_file(permissions.client(name)), str(self.keyring)
+
+
 class ServiceGroup:
     def __init__(
-        self, amqp_url: str, workdir: Path, *, extra_env: dict[str, str] | None = None
+        self,
+        amqp_url: str,
+        workdir: Path,
+        *,
+        extra_env: dict[str, str] | None = None,
+        keys: Keys | None = None,
     ) -> None:
+        """``keys``: each service started with its own key and the keyring; None, as the
+        environment says (no key there: authentication off)."""
         self.amqp_url = amqp_url
         self.workdir = workdir
         self.extra_env = extra_env or {}
+        self.keys = keys
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}
 
@@ -55,17 +99,29 @@ class ServiceGroup:
         argv, env = self.commands[name]
         return self.start(name, argv, env)
 
+    def _key_env(self, identity: Identity) -> dict[str, str]:
+        if self.keys is None:
+            return {}
+        return {
+            auth.KEY_FILE_VARIABLE: self.keys.key_file(identity),
+            auth.KEYRING_VARIABLE: str(self.keys.keyring),
+        }
+
     def start_coordinator(self, name: str = "coordinator", **env: str) -> subprocess.Popen[bytes]:
-        return self.start(name, ["coordinator"], self._env(**env))
+        variables = self._env(**{**self._key_env(permissions.COORDINATOR), **env})
+        return self.start(name, ["coordinator"], variables)
 
     def start_bank(
         self, name: str, db_url: str, resource: str = "reservation", **env: str
     ) -> subprocess.Popen[bytes]:
         variables = self._env(
-            TWOPHASE_PARTICIPANT_NAME=name,
-            TWOPHASE_BANK_DB=db_url,
-            TWOPHASE_BANK_RESOURCE=resource,
-            **env,
+            **{
+                **self._key_env(permissions.participant(name)),
+                "TWOPHASE_PARTICIPANT_NAME": name,
+                "TWOPHASE_BANK_DB": db_url,
+                "TWOPHASE_BANK_RESOURCE": resource,
+                **env,
+            }
         )
         return self.start(name, ["participant", "--app", "twophase.bank:from_env"], variables)
 
