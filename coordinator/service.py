@@ -30,7 +30,7 @@ from runtime.driver import BatchDriver, DriverStats, build_or_close, now_ms
 from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
 from runtime.redaction import redact_url
-from runtime.seams import plain_headers
+from runtime.seams import BatchObserving
 from runtime.tracing_spans import CoordinatorTrace
 from schemas import topology
 from schemas.effects import Send
@@ -141,7 +141,7 @@ class CoordinatorSide:
             log.info("pruned %d log records of transactions finished before the retention", pruned)
 
 
-class CoordinatorObserver:
+class CoordinatorObserver(BatchObserving[CoordinatorTrace, CoordinatorMetrics, CoordinatorRecord]):
     """Tracing and metrics of the coordinator (``runtime.seams.Observer``)."""
 
     def __init__(
@@ -150,7 +150,7 @@ class CoordinatorObserver:
         metrics: CoordinatorMetrics | None,
         known_participants: set[str],
     ) -> None:
-        self.trace, self.metrics = trace, metrics
+        super().__init__(trace, metrics)
         #: participants that took part in a transaction: only these get metric series, so
         #: heartbeats with made-up names cannot grow the metrics without bound
         self.known_participants = known_participants
@@ -173,27 +173,6 @@ class CoordinatorObserver:
         known = self.known_participants
         if isinstance(message, Prepare) and len(known) < _KNOWN_PARTICIPANTS_MAX:
             known.add(message.participant)
-
-    def headers_for(self, send: Send) -> dict[str, str] | None:
-        if self.trace is not None:
-            return self.trace.headers_for(send)
-        return plain_headers(send)
-
-    def on_flushed(self, records: Sequence[CoordinatorRecord], started_ns: int) -> None:
-        if self.trace is not None:
-            self.trace.on_flushed(records, started_ns)
-        if self.metrics is not None:
-            self.metrics.on_flushed(records, started_ns)
-
-    def on_batch_end(self, messages: int) -> None:
-        if self.trace is not None:
-            self.trace.on_batch_end()
-        if self.metrics is not None:
-            self.metrics.on_batch_end(messages)
-
-    def dead_lettered(self, queue: str, category: str) -> None:
-        if self.metrics is not None:
-            self.metrics.dead_lettered(queue, category)
 
 
 class CoordinatorService:

@@ -34,7 +34,7 @@ from runtime import logs, outages
 from runtime.crashpoints import crashpoint
 from runtime.errors import UnknownOperation
 from runtime.metrics import ParticipantMetrics
-from runtime.seams import plain_headers
+from runtime.seams import BatchObserving
 from runtime.tracing_spans import ParticipantTrace
 from schemas.effects import Send
 from schemas.records import PARTICIPANT_FINISHED_KINDS, BranchPrepared, ParticipantRecord
@@ -302,7 +302,7 @@ class ParticipantSide:
         )
 
 
-class ParticipantObserver:
+class ParticipantObserver(BatchObserving[ParticipantTrace, ParticipantMetrics, ParticipantRecord]):
     """Tracing and metrics of a participant (``runtime.seams.Observer``)."""
 
     def __init__(
@@ -313,7 +313,7 @@ class ParticipantObserver:
     ) -> None:
         #: read for the operation of a branch whose handler ran
         self.side = side
-        self.trace, self.metrics = trace, metrics
+        super().__init__(trace, metrics)
 
     def on_incoming(self, event: Event, now: int) -> None:
         if self.trace is not None:
@@ -335,24 +335,3 @@ class ParticipantObserver:
             self.metrics.on_effect(effect, now)
         if self.trace is not None and isinstance(effect, CommitBranch | AbortBranch):
             self.trace.finish_requested(effect.tx_id)
-
-    def headers_for(self, send: Send) -> dict[str, str] | None:
-        if self.trace is not None:
-            return self.trace.headers_for(send)
-        return plain_headers(send)
-
-    def on_flushed(self, records: Sequence[ParticipantRecord], started_ns: int) -> None:
-        if self.trace is not None:
-            self.trace.on_flushed(records, started_ns)
-        if self.metrics is not None:
-            self.metrics.on_flushed(records, started_ns)
-
-    def on_batch_end(self, messages: int) -> None:
-        if self.trace is not None:
-            self.trace.on_batch_end()
-        if self.metrics is not None:
-            self.metrics.on_batch_end(messages)
-
-    def dead_lettered(self, queue: str, category: str) -> None:
-        if self.metrics is not None:
-            self.metrics.dead_lettered(queue, category)

@@ -20,7 +20,7 @@ Two capabilities plug in here and in the driver, nowhere else: authentication in
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from schemas.effects import (
     CancelTimer,
@@ -124,3 +124,52 @@ class Observer(Protocol[E_in, F_in, R_in]):
 def plain_headers(send: Send) -> dict[str, str] | None:
     """The headers of ``send`` when nothing traces: its trace context, if it has one."""
     return {TRACEPARENT_HEADER: send.traceparent} if send.traceparent else None
+
+
+class BatchTrace(Protocol):
+    """What both sides' traces offer the driver's batch hooks."""
+
+    def headers_for(self, send: Send) -> dict[str, str] | None: ...
+    def on_flushed(self, records: Sequence[Any], started_ns: int) -> None: ...
+    def on_batch_end(self) -> None: ...
+
+
+class BatchCounts(Protocol):
+    """What both sides' metrics offer the driver's batch hooks."""
+
+    def on_flushed(self, records: Sequence[Any], started_ns: int) -> None: ...
+    def on_batch_end(self, messages: int) -> None: ...
+    def dead_lettered(self, queue: str, reason: str) -> None: ...
+
+
+T = TypeVar("T", bound=BatchTrace)
+C = TypeVar("C", bound=BatchCounts)
+
+
+class BatchObserving(Generic[T, C, R]):
+    """The observer hooks both sides forward alike to their trace and metrics, either of which
+    may be off; each side's observer adds only what it sees of its own events and effects."""
+
+    def __init__(self, trace: T | None, metrics: C | None) -> None:
+        self.trace, self.metrics = trace, metrics
+
+    def headers_for(self, send: Send) -> dict[str, str] | None:
+        if self.trace is not None:
+            return self.trace.headers_for(send)
+        return plain_headers(send)
+
+    def on_flushed(self, records: Sequence[R], started_ns: int) -> None:
+        if self.trace is not None:
+            self.trace.on_flushed(records, started_ns)
+        if self.metrics is not None:
+            self.metrics.on_flushed(records, started_ns)
+
+    def on_batch_end(self, messages: int) -> None:
+        if self.trace is not None:
+            self.trace.on_batch_end()
+        if self.metrics is not None:
+            self.metrics.on_batch_end(messages)
+
+    def dead_lettered(self, queue: str, category: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dead_lettered(queue, category)
