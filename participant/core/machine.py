@@ -20,6 +20,7 @@ finished here, which must not run twice.
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -93,7 +94,7 @@ class ParticipantSettings:
     #: how long past its deadline a finished branch is remembered in memory
     remember_ms: int = 60_000
     #: how many finished branches are remembered at most; the oldest are forgotten first
-    remember_max: int = 10_000
+    remember_max: int = 100_000
 
 
 @dataclass
@@ -131,7 +132,9 @@ class ParticipantCore:
         self.coordinator_queue = topology.COORDINATOR_QUEUE
         self.branches: dict[str, BranchInfo] = {}
         #: finished branches in the order they finished, with when each is due to be forgotten
-        self.finished: dict[str, int] = {}
+        #: (an OrderedDict: a plain dict's first key costs a scan past every key popped before
+        #: it, which at the bound is once per finished branch)
+        self.finished: OrderedDict[str, int] = OrderedDict()
         #: until then a PREPARE for a branch not in memory may be for one forgotten early
         self.recall_until_ms = -1
 
@@ -259,13 +262,14 @@ class ParticipantCore:
         """Keep a finished branch in memory until ``forget_at``, forgetting the oldest early
         when there are too many (see the module's docstring)."""
         branch.state = BranchState.COMMITTED if decision is Decision.COMMIT else BranchState.ABORTED
+        branch.args = {}  # what a finished branch answers needs no arguments: hold no memory
         self.branches[branch.tx_id] = branch
-        self.finished.pop(branch.tx_id, None)
         self.finished[branch.tx_id] = forget_at
+        self.finished.move_to_end(branch.tx_id)
         effects: list[Effect] = [StartTimer((FORGET_TIMER, branch.tx_id), forget_at)]
         while len(self.finished) > self.settings.remember_max:
-            oldest = next(iter(self.finished))
-            self.recall_until_ms = max(self.recall_until_ms, self.finished.pop(oldest))
+            oldest, its_forget_at = self.finished.popitem(last=False)
+            self.recall_until_ms = max(self.recall_until_ms, its_forget_at)
             del self.branches[oldest]
             effects += [CancelTimer((FORGET_TIMER, oldest)), Forget(oldest)]
         return effects

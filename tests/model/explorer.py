@@ -29,6 +29,7 @@ import enum
 import hashlib
 import pickle
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,8 @@ def _deep(x: Any) -> Any:
     t = type(x)
     if t is dict:
         return {k: _deep(v) for k, v in x.items()}
+    if t is OrderedDict:
+        return OrderedDict((k, _deep(v)) for k, v in x.items())
     if t is list:
         return [_deep(v) for v in x]
     if t is set:
@@ -201,6 +204,8 @@ def _freeze(x: Any) -> Any:
     t = type(x)
     if t is dict:
         return tuple((k, _freeze(v)) for k, v in sorted(x.items()))
+    if t is OrderedDict:  # its order is state: the first is forgotten first
+        return ("ordered", *((k, _freeze(v)) for k, v in x.items()))
     if t is list:
         return tuple(map(_freeze, x))
     if t is set:
