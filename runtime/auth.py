@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -40,8 +41,9 @@ from schemas.permissions import (
     UNKNOWN_KEY,
     Identity,
     Role,
+    kinds_set,
     kinds_text,
-    permission_problem,
+    messages_problem,
     protocol_messages,
 )
 
@@ -71,11 +73,16 @@ def signed_data(sender: str, key_id: str, queue: str, kinds: str, body: bytes) -
     """What a signature covers. Each text is length-prefixed, so that no two different tuples
     give the same bytes; the body is hashed first, so that a large envelope costs one pass of
     SHA-256 rather than Ed25519's two passes over it."""
+    return _signed_prefix(sender, key_id, queue, kinds) + hashlib.sha256(body).digest()
+
+
+# a process signs and verifies with a handful of (sender, key, queue, kinds): made once each
+@functools.lru_cache(maxsize=1024)
+def _signed_prefix(sender: str, key_id: str, queue: str, kinds: str) -> bytes:
     parts = [_DOMAIN]
     for text in (sender, key_id, queue, kinds):
         raw = text.encode("utf-8")
         parts += [struct.pack(">I", len(raw)), raw]
-    parts.append(hashlib.sha256(body).digest())
     return b"".join(parts)
 
 
@@ -183,15 +190,11 @@ def authorise(verified: Verified, queue: str, message: Message) -> Refusal | Non
     """None if the verified sender may send the decoded ``message`` to ``queue``: the kinds it
     carries are exactly the signed ones, and each of its protocol messages is one the sender may
     send there (schemas.permissions.permission_problem). Else why not."""
-    carried = kinds_text(message)
-    if frozenset(carried.split(",")) != verified.kinds:
+    if kinds_set(message) != verified.kinds:
         signed = ",".join(sorted(verified.kinds))
-        return Refusal(NOT_PERMITTED, f"signed as {signed!r} but carries {carried!r}")
-    for item in protocol_messages(message):
-        problem = permission_problem(verified.sender, queue, item)
-        if problem is not None:
-            return Refusal(NOT_PERMITTED, problem)
-    return None
+        return Refusal(NOT_PERMITTED, f"signed as {signed!r} but carries {kinds_text(message)!r}")
+    problem = messages_problem(verified.sender, queue, protocol_messages(message))
+    return None if problem is None else Refusal(NOT_PERMITTED, problem)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from schemas import topology
@@ -178,7 +180,23 @@ def protocol_messages(message: Message) -> tuple[Protocol, ...]:
 def kinds_text(message: Message) -> str:
     """The value of ``x-twophase-kinds`` for ``message``: its protocol messages' kinds, sorted,
     each once, comma-separated (an envelope of PREPAREs and COMMITs: ``commit,prepare``)."""
-    return ",".join(sorted({kind_of(type(m)) for m in protocol_messages(message)}))
+    return _kinds_text(frozenset(map(type, protocol_messages(message))))
+
+
+def kinds_set(message: Message) -> frozenset[str]:
+    """The kinds of ``message``'s protocol messages, as a set."""
+    return _kinds_set(frozenset(map(type, protocol_messages(message))))
+
+
+# an envelope carries one of a few sets of types: each text is made once, not per message
+@functools.lru_cache(maxsize=256)
+def _kinds_text(types: frozenset[type[Any]]) -> str:
+    return ",".join(sorted(kind_of(t) for t in types))
+
+
+@functools.lru_cache(maxsize=256)
+def _kinds_set(types: frozenset[type[Any]]) -> frozenset[str]:
+    return frozenset(kind_of(t) for t in types)
 
 
 # ---- the permission table --------------------------------------------------------------------
@@ -210,22 +228,37 @@ ACCEPTS: dict[Role, tuple[type[Any], ...]] = {
 
 def permission_problem(sender: Identity, queue: str, message: Protocol) -> str | None:
     """Why ``sender`` may not send ``message`` to ``queue`` (one line), or None if it may."""
-    kind = type(message)
+    return messages_problem(sender, queue, (message,))
+
+
+def messages_problem(sender: Identity, queue: str, messages: Iterable[Protocol]) -> str | None:
+    """:func:`permission_problem` of the first of ``messages`` that has one, or None. The queue
+    is parsed once and the table looked up once per message type: an envelope carries
+    hundreds."""
     owner = queue_owner(queue)
     if owner is None:
         return f"{_shown(queue)} is no protocol queue"
     recipient, _ = owner
-    if (sender.role, recipient, kind) not in PERMISSIONS:
-        return f"{sender} may not send a {kind_of(kind)} to {recipient.value} queue {_shown(queue)}"
-    if sender.role is Role.PARTICIPANT:
-        named = getattr(message, "participant", None)
-        if named != sender.name:
-            return f"{sender} may not send a {kind_of(kind)} for participant {named!r}"
-    elif sender.role is Role.CLIENT:
-        reply_to = getattr(message, "reply_to", "")
-        if not client_owns_queue(sender.name, reply_to):
+    granted: dict[type[Any], bool] = {}
+    for message in messages:
+        kind = type(message)
+        allowed = granted.get(kind)
+        if allowed is None:
+            allowed = granted[kind] = (sender.role, recipient, kind) in PERMISSIONS
+        if not allowed:
             return (
-                f"{sender} may not ask for replies in {_shown(reply_to)} "
-                f"(its queues are {topology.client_queue(sender.name)}[.ID])"
+                f"{sender} may not send a {kind_of(kind)} to {recipient.value} queue "
+                f"{_shown(queue)}"
             )
+        if sender.role is Role.PARTICIPANT:
+            named = getattr(message, "participant", None)
+            if named != sender.name:
+                return f"{sender} may not send a {kind_of(kind)} for participant {named!r}"
+        elif sender.role is Role.CLIENT:
+            reply_to = getattr(message, "reply_to", "")
+            if not client_owns_queue(sender.name, reply_to):
+                return (
+                    f"{sender} may not ask for replies in {_shown(reply_to)} "
+                    f"(its queues are {topology.client_queue(sender.name)}[.ID])"
+                )
     return None
