@@ -135,7 +135,7 @@ class Client:
         self.limits = limits
         self._dropped, self._dropped_since = 0, 0.0
         self.client_id = uuid.uuid4().hex
-        self.auth: Auth | None = config.auth(key_file, keyring, None)
+        self.auth: Auth | None = config.auth(key_file, keyring, None, required=False)
         if self.auth is None:
             self.reply_queue = topology.client_queue(self.client_id)
         elif self.auth.identity.role is not Role.CLIENT:

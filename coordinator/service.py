@@ -25,7 +25,7 @@ from coordinator.log import DecisionLog
 from runtime import logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.auth import Auth
-from runtime.config import warn_auth_off
+from runtime.config import warn_auth_off, without_key_allowed
 from runtime.driver import BatchDriver, DriverStats, build_or_close, now_ms
 from runtime.errors import ConfigurationError
 from runtime.metrics import CoordinatorMetrics, MetricsServer
@@ -195,7 +195,13 @@ class CoordinatorService:
     @classmethod
     def connect(cls, config: CoordinatorConfig) -> CoordinatorService:
         """Open the decision log, connect to the broker and rebuild the state from the log; on
-        any failure, close what was opened. Nothing is served until :meth:`serve_forever`."""
+        any failure, close what was opened. Nothing is served until :meth:`serve_forever`.
+        ConfigurationError without a key unless ``insecure`` (or ``TWOPHASE_INSECURE=on``)."""
+        if config.auth is None and not without_key_allowed(config.insecure):
+            raise ConfigurationError(
+                "the coordinator has no key: give CoordinatorConfig(auth=...) (see `twophase "
+                "keys init`), or insecure=True to run without authentication"
+            )
         return build_or_close(
             DecisionLog(config.log_url),
             lambda: (config.channel_factory or AmqpChannel)(

@@ -139,8 +139,10 @@ class Participant:
         """Read the key (flags over ``TWOPHASE_KEY_FILE`` / ``TWOPHASE_KEYRING``); none: off,
         said once at WARNING (runtime.config.auth). ConfigurationError for one that cannot work."""
         # said once the worker is ready: a start that fails says one line, its error
-        self.auth = config.auth(key_file, keyring, participant(self.name), warn=False)
-        self.insecure, self._auth_configured = insecure, True
+        self.auth = config.auth(
+            key_file, keyring, participant(self.name), insecure=insecure, warn=False
+        )
+        self.insecure, self._auth_configured = config.without_key_allowed(insecure), True
 
     def operation(self, name: str) -> Callable[[Handler], OperationHandle]:
         def register(handler: Handler) -> OperationHandle:

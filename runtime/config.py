@@ -24,6 +24,7 @@ TWOPHASE_PARTICIPANTS          coordinator: participant names, comma-separated, 
 TWOPHASE_KEY_FILE              this process's secret key, mode 0600 (runtime.auth.load_auth;
                                made by `twophase keys init`)
 TWOPHASE_KEYRING               directory of the public keys of the peers it accepts
+TWOPHASE_INSECURE              on: a service starts without a key (as ``--insecure``; off)
 =============================  ==========================================================
 
 The ``TWOPHASE_MAX_*`` limits (:func:`limits`) must be the same in every process of a deployment,
@@ -185,32 +186,51 @@ def participant_names() -> tuple[str, ...]:
     return names
 
 
+INSECURE_VARIABLE = "TWOPHASE_INSECURE"
+
+
+def without_key_allowed(flag: bool) -> bool:
+    """``--insecure`` or ``TWOPHASE_INSECURE=on``: a service may start without a key."""
+    return flag or switch(None, INSECURE_VARIABLE, False)
+
+
 def auth(
     key_file: str | None,
     keyring: str | None,
     identity: Identity | None,
     *,
     insecure: bool = False,
+    required: bool = True,
     warn: bool = True,
 ) -> Auth | None:
     """This process's key and keyring (``--key-file`` / ``TWOPHASE_KEY_FILE``, ``--keyring`` /
-    ``TWOPHASE_KEYRING``; runtime.auth.load_auth), or None with neither set: authentication off,
-    said by :func:`warn_auth_off` (here unless ``warn`` is false: a service says it once it is
-    ready, so that a start that fails still says one line, its error). ConfigurationError, one
-    line, for a key that cannot work (or is not ``identity``'s)."""
+    ``TWOPHASE_KEYRING``; runtime.auth.load_auth). ConfigurationError, one line, for a key that
+    cannot work (or is not ``identity``'s).
+
+    Neither set: a service (``required``) needs ``insecure`` (``--insecure``) or
+    ``TWOPHASE_INSECURE=on``, else ConfigurationError; then None, authentication off, said by
+    :func:`warn_auth_off` (here unless ``warn`` is false: a service says it once it is ready, so
+    that a start that fails says one line, its error). A ``Client`` is not required to have a
+    key: without one it is refused by a coordinator that has keys, which its own log says.
+    """
     key_text = setting(key_file, KEY_FILE_VARIABLE, "")
     keyring_text = setting(keyring, KEYRING_VARIABLE, "")
     if key_text or keyring_text:
         return load_auth(key_text, keyring_text, identity=identity, environ={})
+    meant = without_key_allowed(insecure)
+    if required and not meant:
+        raise ConfigurationError(
+            f"no key: set {KEY_FILE_VARIABLE} and {KEYRING_VARIABLE} (see `twophase keys init`), "
+            f"or start with --insecure ({INSECURE_VARIABLE}=on) to run without authentication"
+        )
     if warn:
-        warn_auth_off(insecure)
+        warn_auth_off(meant)
     return None
 
 
 def warn_auth_off(insecure: bool) -> None:
-    """Say once per process at WARNING that authentication is off. ``insecure``
-    (``--insecure``) only says that it is meant: for now a process without a key still runs
-    (making keys mandatory for the services is a later step, §11)."""
+    """Say once per process at WARNING that authentication is off; ``insecure``: because it is
+    meant (``--insecure``), which a service must say to start without a key."""
     global _warned_auth_off
     if not _warned_auth_off:
         _warned_auth_off = True  # once: every Client of a process would say it again

@@ -22,6 +22,11 @@ AMQP_URL = os.environ.get("TWOPHASE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.
 PG_URL = os.environ.get("TWOPHASE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = bool(os.environ.get("CI"))
 
+# A service starts without a key only when told so (runtime.config.auth). Most tests run services
+# without authentication, in this process and in the processes they start (which inherit the
+# variable); the tests of authentication give keys, and those of the refusal remove the variable.
+os.environ.setdefault("TWOPHASE_INSECURE", "on")
+
 
 def _unavailable(what: str) -> None:
     if IN_CI:

@@ -75,7 +75,7 @@ from twophase.chaos_faults import (
     plan_faults,
     restart_dead_services,
 )
-from twophase.processes import ServiceGroup
+from twophase.processes import Keys, ServiceGroup
 
 __all__ = ["ChaosConfig", "ChaosResult", "Check", "print_summary", "run_chaos"]
 
@@ -295,10 +295,12 @@ def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         opening.update({(name, a): b for a, b in rows})
     result.total_before = sum(opening.values())
 
+    keys = Keys(cfg.data_dir / "keys", BANKS, ["chaos"])
     services = ServiceGroup(
         cfg.amqp_url,
         cfg.data_dir,
         extra_env={"TWOPHASE_LIVENESS_TIMEOUT": str(cfg.liveness_timeout_s)},
+        keys=keys,
     )
     injector: FaultInjector | None = None
     fault_log = FaultLog()
@@ -328,7 +330,8 @@ def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         span = int(cfg.transfers * 0.85)
         thresholds = [span * (k + 1) // (len(plan) + 1) for k in range(len(plan))]
         say(f"{cfg.transfers} transfers, {len(plan)} faults, seed {seed}, data in {cfg.data_dir}")
-        with Client(cfg.amqp_url, connect_attempts=5) as client:
+        key_file, keyring = keys.client("chaos")
+        with Client(cfg.amqp_url, connect_attempts=5, key_file=key_file, keyring=keyring) as client:
             load = Load(client, cfg, rng, run_id, accounts)
             injector = FaultInjector(
                 services,

@@ -51,8 +51,10 @@ def _coordinator(args: argparse.Namespace) -> int:
         settings=settings,
         metrics_port=config.metrics_port(args.metrics_port, 9464),
         metrics_best_effort=args.metrics_port is None and "TWOPHASE_METRICS_PORT" not in os.environ,
-        auth=config.auth(args.key_file, args.keyring, COORDINATOR, warn=False),
-        insecure=args.insecure,
+        auth=config.auth(
+            args.key_file, args.keyring, COORDINATOR, insecure=args.insecure, warn=False
+        ),
+        insecure=config.without_key_allowed(args.insecure),
     )
     store.database_url(coordinator.log_url)  # a URL that cannot work ends here, not in the wait
     wait_for_dependencies(

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from runtime import auth
+from runtime import auth, config
 from runtime.amqp import AmqpChannel
 from runtime.errors import TwophaseError
 from schemas import permissions
@@ -64,8 +64,8 @@ class ServiceGroup:
         extra_env: dict[str, str] | None = None,
         keys: Keys | None = None,
     ) -> None:
-        """``keys``: each service started with its own key and the keyring; None, as the
-        environment says (no key there: authentication off)."""
+        """``keys``: each service started with its own key and the keyring; None: started with
+        ``TWOPHASE_INSECURE=on``, authentication off (the bench's ``--auth off``, the fuzz)."""
         self.amqp_url = amqp_url
         self.workdir = workdir
         self.extra_env = extra_env or {}
@@ -101,7 +101,7 @@ class ServiceGroup:
 
     def _key_env(self, identity: Identity) -> dict[str, str]:
         if self.keys is None:
-            return {}
+            return {config.INSECURE_VARIABLE: "on"}
         return {
             auth.KEY_FILE_VARIABLE: self.keys.key_file(identity),
             auth.KEYRING_VARIABLE: str(self.keys.keyring),

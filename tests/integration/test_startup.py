@@ -50,7 +50,9 @@ def env(tmp_path: Path, **variables: str) -> dict[str, str]:
     for name in list(found):
         if name.startswith("TWOPHASE_"):
             del found[name]
-    found.update(TWOPHASE_DATA_DIR=str(tmp_path), TWOPHASE_METRICS_PORT="0", **variables)
+    # a service without a key starts only when told so
+    found.update(TWOPHASE_DATA_DIR=str(tmp_path), TWOPHASE_METRICS_PORT="0", TWOPHASE_INSECURE="on")
+    found.update(variables)
     return found
 
 
@@ -179,6 +181,21 @@ def test_bad_settings(tmp_path: Path, argv: list[str], words: str) -> None:
     assert status == 2, lines
     assert len(lines) == 1 and words in lines[0], lines
     assert SECRET not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv", [["coordinator"], ["participant", "--app", "twophase.bank:from_env"]]
+)
+def test_a_service_without_a_key_needs_insecure(tmp_path: Path, argv: list[str]) -> None:
+    keyless = env(
+        tmp_path,
+        TWOPHASE_AMQP_URL=f"amqp://guest:guest@{CLOSED}/",
+        TWOPHASE_INSECURE="off",
+        TWOPHASE_PARTICIPANT_NAME="bank-a",
+        TWOPHASE_BANK_DB=str(tmp_path / "bank-a.db"),
+    )
+    status, lines = run(argv, keyless)
+    assert_one_line_error(status, lines, "no key", "TWOPHASE_KEY_FILE", "--insecure")
 
 
 def test_a_bad_native_branch_url(tmp_path: Path, amqp_url: str, pg_server: str) -> None:

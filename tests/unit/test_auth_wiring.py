@@ -6,6 +6,7 @@ tests/integration/test_forgery.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -223,18 +224,60 @@ def key_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def test_no_key_is_authentication_off_said_once_at_warning(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key in the environment, and not the test suite's TWOPHASE_INSECURE (tests/conftest.py)."""
     monkeypatch.delenv(auth.KEY_FILE_VARIABLE, raising=False)
     monkeypatch.delenv(auth.KEYRING_VARIABLE, raising=False)
+    monkeypatch.delenv(config.INSECURE_VARIABLE, raising=False)
     monkeypatch.setattr(config, "_warned_auth_off", False)
+
+
+@pytest.mark.usefixtures("no_key")
+def test_a_service_without_a_key_starts_only_when_told_insecure(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"^no key: set TWOPHASE_KEY_FILE.*--insecure"):
+        config.auth(None, None, COORDINATOR)
+    with pytest.raises(ConfigurationError, match="no key"):
+        config.auth(None, None, BANK_A, warn=False)
+    assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="twophase.config"):
         assert config.auth(None, None, COORDINATOR, insecure=True) is None
-        assert config.auth(None, None, COORDINATOR) is None
+        monkeypatch.setenv(config.INSECURE_VARIABLE, "on")
+        assert config.auth(None, None, BANK_A) is None
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "authentication off (--insecure)"
     ]
+    monkeypatch.setenv(config.INSECURE_VARIABLE, "maybe")
+    with pytest.raises(ConfigurationError, match="TWOPHASE_INSECURE must be on or off"):
+        config.auth(None, None, COORDINATOR)
+
+
+@pytest.mark.usefixtures("no_key")
+def test_a_client_without_a_key_is_not_refused(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="twophase.config"):
+        assert config.auth(None, None, None, required=False) is None
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["authentication off"]
+
+
+@pytest.mark.usefixtures("no_key")
+def test_the_library_services_refuse_to_start_without_a_key(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    keyless = CoordinatorConfig(
+        "amqp://memory/", str(tmp_path / "c.log.db"), channel_factory=broker.channel
+    )
+    with pytest.raises(ConfigurationError, match=r"the coordinator has no key.*insecure=True"):
+        CoordinatorService.connect(keyless)
+    db = str(tmp_path / "bank-a.db")
+    app = bank.create_bank("bank-a", db, amqp_url="amqp://memory/", log_url=db)
+    with pytest.raises(ConfigurationError, match="no key"):
+        app.configure_auth()
+    app.configure_auth(insecure=True)
+    assert app.auth is None and app.insecure
+    service = CoordinatorService.connect(dataclasses.replace(keyless, insecure=True))
+    service.channel.close()
+    service.decision_log.close()
 
 
 def test_flags_win_over_the_environment_and_the_identity_is_checked(
