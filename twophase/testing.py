@@ -28,8 +28,11 @@ M = TypeVar("M")
 def running_coordinator(
     amqp_url: str, log_url: str, settings: CoordinatorSettings | None = None
 ) -> Iterator[CoordinatorService]:
+    # a test harness: its ProtocolPeer speaks the protocol unsigned, so the coordinator has no key
     service = CoordinatorService.connect(
-        CoordinatorConfig(amqp_url, log_url, settings=settings or CoordinatorSettings())
+        CoordinatorConfig(
+            amqp_url, log_url, settings=settings or CoordinatorSettings(), insecure=True
+        )
     )
     thread = threading.Thread(
         target=service.serve_forever, name="twophase-coordinator", daemon=True
