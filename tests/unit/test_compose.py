@@ -2,26 +2,38 @@
 
 Checked: the compose file, the Dockerfile, the RabbitMQ definitions' topology and the PostgreSQL
 init script, against ``schemas/topology.py``, the environment variables the code reads, the CLI,
-and the example bank. The RabbitMQ accounts are checked in ``test_compose_rabbitmq.py``, with the
-helpers defined here.
+and the example bank; and the keys: the one-shot service ``keys`` makes one per identity the stack
+uses, each service mounts its own and the keyring only, and none runs without (its script is run
+here, in a temporary directory, with the real ``twophase keys``). The RabbitMQ accounts are
+checked in ``test_compose_rabbitmq.py``, with the helpers defined here.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import os
 import re
 import shlex
+import shutil
+import stat
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from runtime import auth
 from schemas import topology
+from schemas.permissions import COORDINATOR, Identity
+from schemas.permissions import client as client_identity
+from schemas.permissions import participant as participant_identity
 
 yaml = pytest.importorskip("yaml")
 
@@ -51,10 +63,18 @@ EXPECTED_PORTS = {  # service -> container ports published on the same host port
     "jaeger": {16686, 4318},
     "coordinator": {METRICS_PORT},
 }
-SERVICES = {"rabbitmq", "postgres", "jaeger", "coordinator", "bank-a", "bank-b"}
+SERVICES = {"keys", "rabbitmq", "postgres", "jaeger", "coordinator", "bank-a", "bank-b"}
 INFRASTRUCTURE = ("rabbitmq", "postgres")
 DEFAULT_EXCHANGE = "amq.default"  # how RabbitMQ names "" in permission checks
 CLIENT = "web"  # the client identity of the compose account "client"
+
+KEYS_SERVICE = "keys"  # the one-shot service that makes the keys
+KEYS_VOLUME = "keys"  # the named volume they live in
+#: where the keys service mounts the volume: the image's data directory, which the image's user
+#: owns (Dockerfile), so that the empty volume takes that owner and the user may write the keys
+DATA_DIR = "/var/lib/twophase"
+KEYS_DIR = "keys"  # in the volume: KEYS_DIR/<identity file stem>/ and KEYS_DIR/keyring/
+NEW_KEYS_DIR = "keys.new"  # where they are made before the rename to KEYS_DIR
 
 
 # ---- loading ----------------------------------------------------------------------------------
@@ -93,9 +113,15 @@ def command(service: str) -> list[str]:
     return shlex.split(raw) if isinstance(raw, str) else [str(part) for part in raw]
 
 
-def app_services() -> list[str]:
-    """Services that run the project's image (the ``twophase`` CLI)."""
+def image_services() -> list[str]:
+    """Services that run the project's image."""
     return sorted(name for name, svc in services().items() if "build" in svc)
+
+
+def app_services() -> list[str]:
+    """Services that run the project's image as it is, the ``twophase`` CLI: every one but the
+    one-shot ``keys``, whose entrypoint is a shell."""
+    return [name for name in image_services() if "entrypoint" not in services()[name]]
 
 
 def participant_services() -> list[str]:
@@ -121,9 +147,54 @@ def mounts(service: str) -> dict[Path, str]:
     """Bind mounts of local files: resolved source -> target path in the container."""
     result: dict[Path, str] = {}
     for entry in services()[service].get("volumes") or []:
+        if isinstance(entry, dict):
+            if entry["type"] == "bind":
+                result[(COMPOSE_DIR / entry["source"]).resolve()] = entry["target"]
+            continue
         source, target = str(entry).split(":")[:2]
         if source.startswith((".", "/")):
             result[(COMPOSE_DIR / source).resolve()] = target
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeMount:
+    """A named volume mounted in a service: ``subpath`` "" for the whole volume."""
+
+    volume: str
+    target: str
+    subpath: str
+    read_only: bool
+
+
+#: what the long syntax of a volume mount may say here; anything else is a typo, or an option
+#: this file does not check (compose-spec: services.volumes, type "volume")
+VOLUME_MOUNT_KEYS = {"type", "source", "target", "read_only", "volume"}
+VOLUME_OPTION_KEYS = {"subpath", "nocopy"}
+
+
+def volume_mounts(service: str) -> list[VolumeMount]:
+    """The named volumes ``service`` mounts, in either syntax."""
+    result = []
+    for entry in services()[service].get("volumes") or []:
+        if isinstance(entry, dict):
+            if entry["type"] != "volume":
+                continue
+            assert set(entry) <= VOLUME_MOUNT_KEYS, f"{service}: {sorted(entry)}"
+            options = entry.get("volume") or {}
+            assert set(options) <= VOLUME_OPTION_KEYS, f"{service}: {sorted(options)}"
+            result.append(
+                VolumeMount(
+                    str(entry["source"]),
+                    str(entry["target"]),
+                    str(options.get("subpath", "")),
+                    entry.get("read_only") is True,
+                )
+            )
+            continue
+        source, target, *mode = str(entry).split(":")
+        if not source.startswith((".", "/")):
+            result.append(VolumeMount(source, target, "", "ro" in ",".join(mode).split(",")))
     return result
 
 
@@ -193,6 +264,7 @@ def test_compose_file_parses_and_has_the_services() -> None:
     assert isinstance(compose(), dict)
     assert set(services()) >= SERVICES
     assert set(app_services()) == {"coordinator", "bank-a", "bank-b"}
+    assert set(image_services()) == {KEYS_SERVICE, *app_services()}
 
 
 def test_every_service_has_an_image_or_a_buildable_dockerfile() -> None:
@@ -317,6 +389,225 @@ def test_tracing_goes_to_jaeger_over_otlp_http() -> None:
 def test_log_format_values() -> None:
     for name in app_services():
         assert env(name).get("TWOPHASE_LOG_FORMAT", "text") in ("json", "text"), name
+
+
+# ---- keys -------------------------------------------------------------------------------------
+
+
+def service_identity(service: str) -> Identity:
+    """The identity a twophase service's key must be (``runtime.config.auth``'s ``identity``)."""
+    if command(service)[:1] == ["participant"]:
+        return participant_identity(env(service)["TWOPHASE_PARTICIPANT_NAME"])
+    assert command(service) == ["coordinator"], f"{service}: which identity?"
+    return COORDINATOR
+
+
+def stack_identities() -> set[Identity]:
+    """Every identity of the stack: its services', and the client of the user's commands."""
+    return {service_identity(name) for name in app_services()} | {client_identity(CLIENT)}
+
+
+def keys_script() -> str:
+    """The keys service's script as the shell gets it (compose turns ``$$`` into ``$``)."""
+    svc = services()[KEYS_SERVICE]
+    assert svc.get("entrypoint") == ["sh", "-ec"], "a shell that stops at the first failure"
+    raw = svc.get("command")
+    assert isinstance(raw, list) and len(raw) == 1, "one argument: the script"
+    text = str(raw[0])
+    assert "$" not in text.replace("$$", ""), "compose would interpolate a single $"
+    return text.replace("$$", "$")
+
+
+def script_commands() -> list[list[str]]:
+    return [
+        shlex.split(line)
+        for line in keys_script().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def keys_init_calls() -> dict[str, Identity]:
+    """The directory each ``twophase keys init`` of the script writes -> the identity it makes
+    (read with the CLI's own parser)."""
+    from twophase.cli import build_parser
+
+    made: dict[str, Identity] = {}
+    for words in script_commands():
+        if words[:1] != ["twophase"]:
+            continue
+        assert words[1:3] == ["keys", "init"], f"the script runs {words}"
+        args = build_parser().parse_args(words[1:])
+        chosen = [COORDINATOR] if args.coordinator else []
+        chosen += [participant_identity(name) for name in args.participant]
+        chosen += [client_identity(name) for name in args.client]
+        assert len(chosen) == 1, f"one identity per directory, so one secret per mount: {words}"
+        assert str(args.dir) not in made, f"{args.dir} twice"
+        made[str(args.dir)] = chosen[0]
+    return made
+
+
+def test_the_keys_service_makes_the_keys_once() -> None:
+    svc = services()[KEYS_SERVICE]
+    lines = [line.strip() for line in keys_script().splitlines() if line.strip()]
+    assert lines[0] == f"cd {DATA_DIR}"
+    # kept once made: `keys init` would refuse (it never replaces a key) and the stack not start
+    assert re.fullmatch(rf"if \[ -d {KEYS_DIR} \]; then .*; exit 0; fi", lines[1]), lines[1]
+    # made aside and renamed once complete: an interrupted run leaves no half-made keys dir
+    assert f"rm -rf {NEW_KEYS_DIR}" in lines
+    assert lines[-1] == f"mv {NEW_KEYS_DIR} {KEYS_DIR}"
+    assert volume_mounts(KEYS_SERVICE) == [VolumeMount(KEYS_VOLUME, DATA_DIR, "", False)]
+    assert KEYS_VOLUME in (compose().get("volumes") or {}), "a named volume: kept across `up`s"
+    # the data directory is the image user's, so the fresh volume mounted there is too
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)", dockerfile, flags=re.MULTILINE)[-1].split(":")[0]
+    assert re.search(rf"chown {user}:\S+ {re.escape(DATA_DIR)}$", dockerfile, flags=re.MULTILINE)
+    assert "user" not in svc, "the keys are the image user's, who runs the services"
+    assert svc.get("network_mode") == "none"
+    assert not svc.get("ports") and not svc.get("depends_on")
+    assert svc.get("restart", "no") == "no"
+
+
+def test_the_keys_service_makes_exactly_the_identities_of_the_stack() -> None:
+    made = keys_init_calls()
+    assert sorted(map(str, made.values())) == sorted(map(str, stack_identities()))
+    private, linked = set(), set()
+    for words in script_commands():
+        if words[:3] == ["mkdir", "-m", "700"]:
+            private.update(words[3:])
+        elif words[:2] == ["ln", "-s"]:
+            assert words[2:3] == ["../keyring"], words
+            linked.add(str(PurePosixPath(words[3]).parent))
+        elif words[:3] == ["twophase", "keys", "init"]:
+            directory = words[3]
+            identity = made[directory]
+            assert PurePosixPath(directory) == PurePosixPath(NEW_KEYS_DIR, identity.file_stem)
+            assert directory in private, f"{directory}: not made owner-only"
+            # its keyring is the shared one (so that `keys rotate|retire DIR` work on it)
+            assert directory in linked, f"{directory}/keyring is not ../keyring (yet)"
+
+
+def test_each_service_mounts_its_own_key_and_the_keyring_only() -> None:
+    for name in app_services():
+        identity = service_identity(name)
+        key_file = PurePosixPath(env(name)[auth.KEY_FILE_VARIABLE])
+        keyring = PurePosixPath(env(name)[auth.KEYRING_VARIABLE])
+        assert key_file.name == auth.secret_key_path(Path(), identity).name, name
+        mounted = {m.target: m for m in volume_mounts(name) if m.volume == KEYS_VOLUME}
+        own = mounted.get(str(key_file.parent))
+        assert own is not None, f"{name}: {key_file.parent} is not a mount of {KEYS_VOLUME}"
+        assert own.subpath == f"{KEYS_DIR}/{identity.file_stem}", f"{name}: not its own key"
+        ring = mounted.get(str(keyring))
+        assert ring is not None, f"{name}: {keyring} is not a mount of {KEYS_VOLUME}"
+        assert ring.subpath == f"{KEYS_DIR}/keyring", name
+        assert set(mounted) == {str(key_file.parent), str(keyring)}, f"{name}: more of the keys"
+        assert all(m.read_only for m in mounted.values()), f"{name}: keys mounted writable"
+        # its files arrive by the subpaths, which exist only once the keys service is done
+        assert "configs" not in services()[name] and "secrets" not in services()[name], name
+    for name in services().keys() - {KEYS_SERVICE, *app_services()}:
+        assert all(m.volume != KEYS_VOLUME for m in volume_mounts(name)), name
+
+
+def test_services_start_once_the_keys_exist() -> None:
+    for name in app_services():
+        depends = services()[name].get("depends_on") or {}
+        condition = depends.get(KEYS_SERVICE, {}).get("condition")
+        assert condition == "service_completed_successfully", name
+
+
+def test_no_service_runs_without_authentication() -> None:
+    for name in services():
+        assert "TWOPHASE_INSECURE" not in env(name), name
+        assert not any("--insecure" in part for part in command(name)), name
+    for name in app_services():
+        assert env(name).get(auth.KEY_FILE_VARIABLE), name
+        assert env(name).get(auth.KEYRING_VARIABLE), name
+
+
+def test_the_readme_copies_the_client_key_from_where_it_is() -> None:
+    readme = (COMPOSE_DIR / "README.md").read_text()
+    stem = client_identity(CLIENT).file_stem
+    for source in (f"{KEYS_DIR}/{stem}", f"{KEYS_DIR}/keyring"):
+        assert f"cp {KEYS_SERVICE}:{DATA_DIR}/{source} " in readme, source
+    assert f'key_file=f"{{KEYS}}/{stem}/{stem}.key"' in readme
+
+
+def in_volume(volume: Path, service: str, path: str) -> Path:
+    """Where ``path`` of ``service``'s container is in the keys volume (at ``volume``)."""
+    for mount in volume_mounts(service):
+        if mount.volume == KEYS_VOLUME and PurePosixPath(path).is_relative_to(mount.target):
+            return volume / mount.subpath / PurePosixPath(path).relative_to(mount.target)
+    raise AssertionError(f"{service}: {path} is not in the volume {KEYS_VOLUME}")
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_the_keys_script_makes_keys_each_service_loads(tmp_path: Path) -> None:
+    """The keys service's script, run by ``sh`` with the real ``twophase keys`` in a directory
+    standing for the volume; each service's key and keyring read through its mounts as it reads
+    them; a second run keeps them; a rotation as compose/README.md says works on the layout."""
+    volume, bin_dir = tmp_path / "volume", tmp_path / "bin"
+    volume.mkdir()
+    bin_dir.mkdir()
+    shim = bin_dir / "twophase"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m twophase "$@"\n')
+    shim.chmod(0o755)
+    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    environ = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT)}
+
+    def run(script: str) -> str:
+        done = subprocess.run(
+            ["sh", "-ec", script],
+            cwd=volume,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    script = keys_script()
+    assert script.startswith(f"cd {DATA_DIR}\n")
+    script = script.replace(f"cd {DATA_DIR}\n", "", 1)  # run in the stand-in (cwd)
+    run(script)
+    assert not (volume / NEW_KEYS_DIR).exists()
+    for name in app_services():
+        key_file = in_volume(volume, name, env(name)[auth.KEY_FILE_VARIABLE])
+        keyring = in_volume(volume, name, env(name)[auth.KEYRING_VARIABLE])
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600, name
+        # what the mount of its own directory shows: its secret, no other
+        assert sorted(p.name for p in key_file.parent.iterdir()) == sorted(
+            [key_file.name, "keyring"]
+        )
+        loaded = auth.load_auth(
+            str(key_file), str(keyring), identity=service_identity(name), environ={}
+        )
+        assert loaded is not None and loaded.keyring.identities() == stack_identities()
+    client = client_identity(CLIENT)  # the key the user copies out for the client
+    client_dir = volume / KEYS_DIR / client.file_stem
+    client_key = auth.secret_key_path(client_dir, client)
+    loaded = auth.load_auth(str(client_key), str(client_dir / "keyring"), environ={})
+    assert loaded is not None and loaded.identity == client
+
+    def contents() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in sorted(volume.rglob("*")) if p.is_file()}
+
+    before = contents()
+    assert "kept" in run(script)
+    assert contents() == before
+
+    # a rotation of bank-a's key, the commands of compose/README.md (cwd: the data directory)
+    bank_a = participant_identity("bank-a")
+    directory = f"{KEYS_DIR}/{bank_a.file_stem}"
+    old = auth.read_secret_key(auth.secret_key_path(volume / directory, bank_a)).key_id
+    run(f"twophase keys rotate {directory} --participant bank-a")
+    ring = auth.read_keyring(volume / KEYS_DIR / "keyring")
+    assert sum(1 for identity, _ in ring.keys if identity == bank_a) == 2
+    stem = bank_a.file_stem
+    run(f"mv {directory}/{stem}.next.key {directory}/{stem}.key")
+    run(f"twophase keys retire {directory} {old}")
+    ring = auth.read_keyring(volume / KEYS_DIR / "keyring")
+    new = auth.read_secret_key(auth.secret_key_path(volume / directory, bank_a)).key_id
+    assert [key_id for identity, key_id in ring.keys if identity == bank_a] == [new] != [old]
 
 
 # ---- RabbitMQ: topology -----------------------------------------------------------------------
