@@ -5,6 +5,9 @@ Every line has ``ts``, ``level``, ``logger`` and ``msg``; a line about a transac
 to :func:`tx`, or the current span). Any other ``extra`` fields follow. Log a transaction with::
 
     log.warning("branch undecided past its deadline", extra=logs.tx(tx_id, traceparent))
+
+Lines at DEBUG and above with ``twophase -v``, or with ``TWOPHASE_VERBOSE=on`` in the environment,
+which the services that ``twophase demo``, ``chaos`` and ``bench`` start inherit; else INFO.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from runtime import config, tracing
 from runtime.errors import ConfigurationError
 
 FORMATS = ("kv", "json")
+VERBOSE_VARIABLE = "TWOPHASE_VERBOSE"
 
 #: attributes every LogRecord has: anything else on a record came in through ``extra``
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -94,18 +98,25 @@ def log_format(flag: str | None = None) -> str:
     kind = config.setting(flag, "TWOPHASE_LOG_FORMAT", "kv").strip()
     kind = kind.lower() or "kv"
     formatter(kind)  # validates
+    verbose()  # a bad TWOPHASE_VERBOSE, too, ends the command in one line before logging starts
     return kind
 
 
+def verbose() -> bool:
+    """``TWOPHASE_VERBOSE`` (on or off, default off): log at DEBUG, as ``twophase -v`` does."""
+    return config.switch(None, VERBOSE_VARIABLE, False)
+
+
 def configure(kind: str = "kv", level: int = logging.INFO, stream: TextIO | None = None) -> None:
-    """Route the root logger to ``stream`` (stderr) in the ``kind`` format."""
+    """Route the root logger to ``stream`` (stderr) in the ``kind`` format, at ``level`` or at
+    DEBUG when ``TWOPHASE_VERBOSE`` is on."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(kind))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(min(level, logging.DEBUG) if verbose() else level)
 
 
 def _timestamp(created: float) -> str:

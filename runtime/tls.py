@@ -24,6 +24,7 @@ import pika
 
 from runtime import config
 from runtime.errors import ConfigurationError
+from runtime.redaction import redact_url
 
 __all__ = [
     "CA_VARIABLE",
@@ -43,14 +44,22 @@ def amqp_parameters(url: str) -> pika.URLParameters:
     """pika's parameters for ``url``; for ``amqps://`` with a verifying TLS context.
 
     ConfigurationError, one line, for a TLS setting that cannot work (a missing or unreadable
-    file, a key that is not the certificate's), or TLS settings on an ``amqp://`` URL, which
-    would otherwise be ignored without a word.
+    file, a key that is not the certificate's), TLS settings on an ``amqp://`` URL, which
+    would otherwise be ignored without a word, or a URL pika cannot read (its password hidden).
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {key: value for key, value in query if key in _QUERY_KEYS}
     rest = [(key, value) for key, value in query if key not in _QUERY_KEYS]
-    params = pika.URLParameters(urlunsplit(parts._replace(query=urlencode(rest))))
+    try:
+        params = pika.URLParameters(urlunsplit(parts._replace(query=urlencode(rest))))
+    except ValueError:
+        # not pika's words: they quote what it took for the port, a piece of a password with an
+        # unencoded "/" in it ("Port could not be cast to integer value as 'ab'")
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not an AMQP URL pika can read: in the user and password,"
+            " write / ? # @ : as %2F %3F %23 %40 %3A"
+        ) from None
     if parts.scheme.lower() != "amqps":
         if ours:
             raise ConfigurationError(

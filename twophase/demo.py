@@ -1,5 +1,9 @@
 """``twophase demo``: a coordinator and three bank participants, as separate processes, moving
-money with concurrent three-branch transfers (debit, credit, fee) through the client library."""
+money with concurrent three-branch transfers (debit, credit, fee) through the client library.
+
+Metrics: with ``TWOPHASE_METRICS_PORT=P`` the coordinator serves ``/metrics`` on port P and the
+banks on P+1, P+2 and P+3 (one port each: they would clash on one); without it, as the services
+do by default (the coordinator on 9464 if free, the banks none)."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any
 from coordinator.client import Client
 from runtime import config
 from runtime.amqp import AmqpChannel
-from runtime.errors import BrokerUnavailable
+from runtime.errors import BrokerUnavailable, ConfigurationError
 from schemas import topology
 from schemas.messages import Branch, Outcome, OutcomeKind
 from twophase import bank
@@ -115,6 +119,20 @@ def run_transfers(
     return result
 
 
+def metrics_ports(base: int) -> dict[str, int]:
+    """Each service's ``TWOPHASE_METRICS_PORT``: ``base`` for the coordinator, the next ones for
+    the banks; none when ``base`` is 0 (the services' defaults)."""
+    if not base:
+        return {}
+    names = ["coordinator", *BANKS]
+    if base + len(names) - 1 > 65535:
+        raise ConfigurationError(
+            f"TWOPHASE_METRICS_PORT {base}: the demo serves metrics on it and the"
+            f" {len(names) - 1} ports after it, use one below {65536 - len(names) + 1}"
+        )
+    return {name: base + i for i, name in enumerate(names)}
+
+
 def wait_until_settled(dbs: dict[str, Path], timeout_s: float = 60.0) -> tuple[int, int]:
     """Committed outcomes reach the banks after the client hears them: wait for holds to clear."""
     deadline = time.monotonic() + timeout_s
@@ -133,6 +151,7 @@ def run_demo(args: argparse.Namespace) -> int:
     except BrokerUnavailable as exc:
         print(f"twophase demo: {broker_hint(url, exc)}", file=sys.stderr)
         return 2
+    ports = metrics_ports(config.metrics_port(None, 0))
     workdir = Path(args.data_dir or tempfile.mkdtemp(prefix="twophase-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     dbs = {name: workdir / f"{name}.db" for name in BANKS}
@@ -145,9 +164,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # authentication on, as the issue asks of the demo (14): keys of its own, in its data dir
     keys = Keys(workdir / "keys", BANKS, ["demo"])
     with ServiceGroup(url, workdir, keys=keys) as services:
-        services.start_coordinator()
+        services.start_coordinator(**_metrics_env(ports, "coordinator"))
         for name, db in dbs.items():
-            services.start_bank(name, str(db))
+            services.start_bank(name, str(db), **_metrics_env(ports, name))
         services.wait_ready(
             [topology.COORDINATOR_QUEUE, *(topology.participant_queue(b) for b in BANKS)]
         )
@@ -179,6 +198,10 @@ def run_demo(args: argparse.Namespace) -> int:
         _print_table(report)
     ok = report["balanced"] and result.unknown == 0
     return 0 if ok else 1
+
+
+def _metrics_env(ports: dict[str, int], name: str) -> dict[str, str]:
+    return {"TWOPHASE_METRICS_PORT": str(ports[name])} if name in ports else {}
 
 
 def _with_progress(args: argparse.Namespace, client: Client) -> DemoResult:

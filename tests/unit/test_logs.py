@@ -170,3 +170,27 @@ def test_one_phase_is_on_by_default_and_a_bad_value_is_one_clear_line(
     err = capsys.readouterr().err
     assert "TWOPHASE_ONE_PHASE must be on or off, got 'maybe'" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("value", "level"), [("on", logging.DEBUG), ("off", logging.INFO)])
+def test_verbose_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, level: int
+) -> None:
+    """TWOPHASE_VERBOSE=on logs at DEBUG as -v does: the services the demo starts inherit it."""
+    monkeypatch.setenv(logs.VERBOSE_VARIABLE, value)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure("kv", logging.INFO, io.StringIO())
+        assert root.level == level
+        logs.configure("kv", logging.DEBUG, io.StringIO())  # -v
+        assert root.level == logging.DEBUG
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+
+
+def test_a_bad_verbose_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(logs.VERBOSE_VARIABLE, "loud")
+    with pytest.raises(ConfigurationError, match="TWOPHASE_VERBOSE"):
+        logs.log_format(None)
