@@ -22,7 +22,7 @@ from coordinator.core import (
     Unroutable,
 )
 from coordinator.log import DecisionLog
-from runtime import logs, outages, tracing
+from runtime import instances, logs, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.auth import Auth
 from runtime.config import warn_auth_off, without_key_allowed
@@ -215,6 +215,10 @@ class CoordinatorService:
         cls, config: CoordinatorConfig, channel: AmqpChannel, journal: DecisionLog
     ) -> CoordinatorService:
         channel.declare_queue(topology.COORDINATOR_QUEUE)
+        # before recovery: a second instance must stop before it reads or changes anything
+        instances.serve_alone(
+            channel, topology.COORDINATOR_QUEUE, journal.log.engine, "coordinator"
+        )
         side = CoordinatorSide(config.settings, journal)
         tracing.setup_from_env("twophase-coordinator")
         trace = CoordinatorTrace() if tracing.ENABLED else None

@@ -33,7 +33,7 @@ from participant.operations import (
 from participant.resources import Resource
 from participant.side import OwnEffect, ParticipantObserver, ParticipantSide
 from participant.units import UnitOfWork, unit_of_work
-from runtime import config, outages, tracing
+from runtime import config, instances, outages, tracing
 from runtime.amqp import AmqpChannel
 from runtime.auth import Auth
 from runtime.driver import BatchDriver, DriverStats, build_or_close
@@ -238,6 +238,8 @@ class ParticipantWorker:
         # that key, with which a participant could bind its own queue to read the coordinator's
         # traffic (docs/architecture.md §11.1). The coordinator binds its queue at start.
         channel.declare_queue(queue)
+        # before recovery: a second instance must stop before it reads or changes anything
+        instances.serve_alone(channel, queue, journal.log.engine, f"participant {app.name}")
         tracing.setup_from_env(f"twophase-{app.name}")
         trace = ParticipantTrace(app.name) if tracing.ENABLED else None
         side = ParticipantSide(

@@ -29,6 +29,7 @@ from runtime.errors import (
     BrokerUnavailable,
     ConfigurationError,
     ConnectionLost,
+    InstanceRunning,
     PublishError,
     PublishRefused,
 )
@@ -54,6 +55,19 @@ ORIGINAL_KEY_HEADER = "x-original-routing-key"
 HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
+_ACCESS_REFUSED = 403
+
+
+def _in_exclusive_use(cause: BaseException | None) -> bool:
+    """Whether the broker closed the channel because the queue has a consumer already (its
+    ACCESS_REFUSED for a denied read says ``refused for user`` instead)."""
+    return (
+        isinstance(cause, pika.exceptions.ChannelClosedByBroker)
+        and cause.reply_code == _ACCESS_REFUSED
+        and "exclusive use" in str(cause.reply_text)
+    )
+
+
 _SHORTSTR_MAX = 255  # bytes of an AMQP short string: routing keys, queue names
 
 
@@ -152,6 +166,8 @@ class AmqpChannel:
         self._connection_name = connection_name
         self._queues: dict[str, tuple[bool, bool]] = {}  # name -> (durable, exclusive)
         self._consumed: list[str] = []
+        #: consumed as the queue's only consumer (basic.consume exclusive), also after reconnects
+        self._exclusive: set[str] = set()
         self._generation = 0
         self._link: AmqpLink | None = None
         self._channel: Any = None  # a pika.channel.Channel of self._link
@@ -319,14 +335,32 @@ class AmqpChannel:
             link.close_channel(probe)
         return int(ok.method.message_count), int(ok.method.consumer_count)
 
-    def consume(self, queue: str) -> None:
-        """Start consuming ``queue`` with manual ack (redone on reconnect)."""
+    def consume(self, queue: str, *, exclusive: bool = False) -> None:
+        """Start consuming ``queue`` with manual ack (redone on reconnect). ``exclusive``: as
+        its only consumer, InstanceRunning if it has another (this channel is then closed)."""
         if queue in self._consumed:
             return
+        if exclusive:
+            self._exclusive.add(queue)
         with self._remembering(lambda: self._consumed.remove(queue)):
             self._consumed.append(queue)
-            with self._io() as link:
-                self._basic_consume(link, self._channel, queue)
+            try:
+                with self._io() as link:
+                    if exclusive:
+                        expect_close(self._channel, _ACCESS_REFUSED)  # the answer, not a fault
+                    self._basic_consume(link, self._channel, queue)
+            except ConnectionLost as exc:
+                if not _in_exclusive_use(exc.__cause__):
+                    raise
+                taken = True
+            else:
+                taken = False
+        if taken:  # raised here, out of the handler: the lost channel is no outage to wait out
+            self._consumed.remove(queue)
+            self._exclusive.discard(queue)
+            raise InstanceRunning(
+                f"{queue} already has a consumer: another instance of this service is running"
+            )
 
     @contextmanager
     def _remembering(self, forget: Callable[[], object]) -> Iterator[None]:
@@ -340,7 +374,10 @@ class AmqpChannel:
 
     def _basic_consume(self, link: AmqpLink, channel: Any, queue: str) -> None:
         on_message = functools.partial(self._on_message, self._generation, queue)
-        link.call(channel, channel.basic_consume, queue, on_message, auto_ack=False)
+        exclusive = queue in self._exclusive
+        link.call(
+            channel, channel.basic_consume, queue, on_message, auto_ack=False, exclusive=exclusive
+        )
 
     def _check_alive(self) -> AmqpLink:
         link, chan = self._link, self._channel

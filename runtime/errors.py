@@ -51,6 +51,7 @@ __all__ = [
     "ConnectionLost",
     "CoordinatorRunning",
     "HeuristicHazard",
+    "InstanceRunning",
     "LimitExceeded",
     "LogMissing",
     "OutcomeUnknown",
@@ -74,6 +75,11 @@ class ConfigurationError(TwophaseError):
 
 class LogMissing(ConfigurationError):
     """The log asked for does not exist (see :func:`runtime.store.open_existing`)."""
+
+
+class InstanceRunning(ConfigurationError):
+    """Another instance of this service already consumes its queue: a second one must not
+    start (both would serve the same name, each from its own memory)."""
 
 
 # ---- RabbitMQ (runtime.amqp) ---------------------------------------------------------------
