@@ -417,9 +417,10 @@ class CoordinatorCore:
         return [Send(topology.participant_queue(participant), commit, tx.traceparent)]
 
     def _still_deciding(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
-        inquire = _message(event, Inquire)
-        pending = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.PENDING)
-        return [Send(topology.participant_queue(inquire.participant), pending, tx.traceparent)]
+        """Nothing to tell yet: the decision goes to every participant once it is made, and the
+        inquirer's timer asks again meanwhile. (An Outcome is no message for a participant's
+        queue: the boundary refuses it, with whatever shares its envelope.)"""
+        return []
 
     def _look_up_for_asker(self, tx: Transaction, event: Event, now_ms: int) -> list[Effect]:
         """A YES vote or an inquiry for a transaction not in memory: the log answers (rule 4).

@@ -18,8 +18,7 @@ definite outcome (the client's, or, for one the client stopped waiting for acros
 coordinator's answer to a status query), the banks hold what the outcomes say, and the
 dead-letter queue holds the forgeries signed with the retired key, each an ``unknown key``, and no
 other refusal of a signature or a sender: nothing signed with a valid key was refused for it.
-(A restarted bank may refuse the coordinator's PENDING answer to its inquiry, a defect that has
-nothing to do with keys: see STILL_DECIDING.)
+Nothing else is dead-lettered.
 """
 
 from __future__ import annotations
@@ -45,17 +44,14 @@ from runtime.amqp import AmqpChannel
 from runtime.auth import SigningKey
 from runtime.errors import ClientClosed, OutcomeUnknown
 from schemas import permissions, topology
-from schemas.codec import decode_message, encode
+from schemas.codec import encode
 from schemas.messages import (
     Abort,
     Branch,
-    Commit,
-    Envelope,
     Heartbeat,
     Message,
     Outcome,
     OutcomeKind,
-    Prepare,
 )
 from schemas.permissions import BAD_SIGNATURE, NOT_PERMITTED, UNKNOWN_KEY, Identity
 from twophase import bank, cli
@@ -284,8 +280,7 @@ class Rotation:
 
     def check(self, load: Load, client: Client) -> None:
         """Every transfer decided, money where the decisions say, and the dead-letter queue
-        holding the forgeries, each as ``unknown key``, no other refused signature or sender,
-        and nothing else but the known refusal of PENDING answers (STILL_DECIDING)."""
+        holding the forgeries, each as ``unknown key``, and nothing else."""
         unknown = [t for t in load.transfers if t.outcome is None]
         # only a transfer in flight across a deliberate restart may be unknown to the client
         assert len(unknown) <= WINDOW * self.restarts, [t.tx_id for t in unknown]
@@ -324,19 +319,13 @@ class Rotation:
             if refused[1].startswith(AUTH_REASONS)
         }
         assert not refused_signed, f"valid signatures refused: {refused_signed}"
-        decided = {t.tx_id: t.outcome for t in load.transfers}
-        unexplained = {
-            body[:1000]: refused
-            for body, refused in others.items()
-            if not still_deciding(body, *refused, decided)
-        }
+        unexplained = {body[:1000]: refused for body, refused in others.items()}
         assert not unexplained, f"dead-lettered, not forged: {unexplained}"
         committed = sum(1 for t in load.transfers if t.outcome is OutcomeKind.COMMITTED)
         print(
             f"{len(load.transfers)} transfers, {committed} committed, {len(unknown)} unknown "
             f"to the client across {self.restarts} restarts (resolved by status query), "
-            f"{len(self.forged)} forgeries with the retired key dead-lettered as {UNKNOWN_KEY}, "
-            f"{len(others)} envelopes with PENDING answers to inquiries refused by a bank"
+            f"{len(self.forged)} forgeries with the retired key dead-lettered as {UNKNOWN_KEY}"
         )
 
     def close(self) -> None:
@@ -374,38 +363,6 @@ def read_dead_letters(amqp_url: str) -> dict[bytes, tuple[str, str]]:
             found[body] = (str(method.routing_key), text)
     finally:
         connection.close()
-
-
-#: why a bank's queue refuses the coordinator's answer to an inquiry made while it still
-#: decides, Outcome(PENDING) (coordinator/core/machine.py ``_still_deciding``): the validation's
-#: PARTICIPANT_ACCEPTS has no Outcome (the participant core would ignore it). A bank restarted
-#: with a prepared branch inquires, so a restart under load may cause it, whatever the keys. The
-#: whole envelope goes, with the COMMIT or ABORT it carried, which the coordinator sends again.
-STILL_DECIDING = "invalid: a Outcome is not accepted on this queue"
-
-
-def still_deciding(
-    body: bytes, queue: str, error: str, outcomes: dict[str, OutcomeKind | None]
-) -> bool:
-    """Whether a dead letter is that refusal: on a bank's queue, Outcome(PENDING) and the
-    coordinator's orders to that bank, each order agreeing with its transaction's outcome."""
-    if error != STILL_DECIDING or queue not in Rotation.bank_queues():
-        return False
-    message = decode_message(body)
-    inner = [i.message for i in message.messages] if isinstance(message, Envelope) else [message]
-    agreeing = {Commit: OutcomeKind.COMMITTED, Abort: OutcomeKind.ABORTED}
-    for m in inner:
-        if isinstance(m, Outcome):
-            if m.outcome is not OutcomeKind.PENDING:
-                return False
-        elif isinstance(m, (Prepare, Commit, Abort)):
-            if topology.participant_queue(m.participant) != queue:
-                return False
-            if type(m) in agreeing and outcomes.get(m.tx_id) is not agreeing[type(m)]:
-                return False
-        else:
-            return False
-    return any(isinstance(m, Outcome) for m in inner)
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ def test_exhaustive_two_participants_one_transaction() -> None:
     results = explore_all_clean(PROFILES)
     n = sum(r.states for r in results.values())
     print(f"explored {n} states in {time.monotonic() - started:.1f} s")
-    assert n > 300_000
+    assert n > 200_000  # 235,243 since an inquiry while voting gets no PENDING reply
     notes = set().union(*(r.notes for r in results.values()))
     print("protocol violations reported by the cores (not failures):", sorted(notes))
 

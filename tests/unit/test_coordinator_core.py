@@ -182,7 +182,7 @@ EXPECTED: dict[tuple[TxState, str], tuple[TxState, list[str]]] = {
     (K, "Ack"): (K, []),  # b has not ACKed yet
     (N, "Inquire"): (L, ["LookUp"]),
     (L, "Inquire"): (L, []),
-    (V, "Inquire"): (V, ["Outcome.pending>a"]),
+    (V, "Inquire"): (V, []),
     (K, "Inquire"): (K, ["Commit>a"]),
     (N, "Timer:vote"): (N, []),
     (L, "Timer:vote"): (L, []),
@@ -489,12 +489,10 @@ def test_a_late_no_or_read_only_vote_for_an_unknown_transaction_needs_no_answer(
     assert core.state_of(TX) is TxState.NONE
 
 
-def test_an_inquiry_while_voting_hears_pending_on_its_own_queue() -> None:
+def test_an_inquiry_while_voting_is_not_answered_until_the_decision() -> None:
     core = started("a", "b")
-    effects = core.handle(Incoming(Inquire(tx_id=TX, participant="b")), NOW)
-    assert effects == [
-        Send(topology.participant_queue("b"), Outcome(tx_id=TX, outcome=OutcomeKind.PENDING))
-    ]
+    assert core.handle(Incoming(Inquire(tx_id=TX, participant="b")), NOW) == []
+    assert core.state_of(TX) is TxState.VOTING
 
 
 # ---- recovery ---------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class FakeChannel:
         with self.bus.lock:
             self.bus.queues.setdefault(name, deque())
 
-    def consume(self, queue: str) -> None:
+    def consume(self, queue: str, *, exclusive: bool = False) -> None:
         self.consuming.append(queue)
 
     def poll(self, timeout: float, max_messages: int = 10_000) -> list[Delivery]:
