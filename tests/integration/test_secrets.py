@@ -20,7 +20,6 @@ this test creates, and are ended with it only if the demo does not end them itse
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 import os
 import secrets
@@ -30,10 +29,8 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import zlib
 from collections.abc import Iterator
 from contextlib import closing, suppress
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -43,48 +40,12 @@ import pytest
 from runtime import tracing
 from schemas import topology
 from tests.conftest import rabbitmqctl
+from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 
 SERVICES = ("coordinator", "bank-a", "bank-b", "bank-c")
 TRANSFERS = 40  # at two in flight, a few seconds: time for the scrapes
-
-
-class OtlpSink:
-    """Accepts OTLP/HTTP trace exports on 127.0.0.1 and keeps each raw (decompressed) body."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.lock = threading.Lock()
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                encoding = self.headers.get("Content-Encoding", "")
-                if encoding == "gzip":
-                    body = gzip.decompress(body)
-                elif encoding == "deflate":
-                    body = zlib.decompress(body)
-                if self.path == "/v1/traces":
-                    with sink.lock:
-                        sink.bodies.append(body)
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Scraper:
@@ -139,8 +100,8 @@ def free_port_run(count: int) -> int:
 
 
 @pytest.fixture
-def sink() -> Iterator[OtlpSink]:
-    found = OtlpSink()
+def sink() -> Iterator[OtlpReceiver]:
+    found = OtlpReceiver()
     yield found
     found.close()
 
@@ -255,7 +216,7 @@ def test_the_demo_prints_no_secret(
     amqp_url: str,
     pg_url: str,
     secret_user: tuple[str, str, str],
-    sink: OtlpSink,
+    sink: OtlpReceiver,
 ) -> None:
     _, rabbit_password, rabbit_url = secret_user
     pg_password = base64_like("pg")  # unencoded: SQLAlchemy reads it up to the "@"
@@ -293,8 +254,7 @@ def test_the_demo_prints_no_secret(
         assert texts, f"no scrape of {name}'s /metrics on port {ports[name]}"
         for i, text in enumerate(texts):
             outputs[f"metrics of {name} #{i}"] = text
-    with sink.lock:
-        bodies = list(sink.bodies)
+    bodies = sink.raw()
     for i, body in enumerate(bodies):
         outputs[f"span export #{i}"] = body
     for i, letter in enumerate(dead_letters(amqp_url)):

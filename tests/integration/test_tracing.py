@@ -12,14 +12,10 @@ Run with ``-s`` to see the committed trace printed as a tree.
 
 from __future__ import annotations
 
-import gzip
 import signal
-import threading
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -29,62 +25,13 @@ from runtime import tracing
 from runtime.tracing import SpanRecord
 from schemas import topology
 from schemas.messages import Branch, OutcomeKind
+from tests.otlp import OtlpReceiver
 from twophase import bank
 from twophase.processes import ServiceGroup
 
 pytestmark = pytest.mark.integration
 
 BANKS = ("bank-a", "bank-b", "bank-c")
-
-
-class OtlpReceiver:
-    """Accepts OTLP/HTTP protobuf trace exports on 127.0.0.1 and keeps the decoded spans."""
-
-    def __init__(self) -> None:
-        self.spans: list[SpanRecord] = []
-        self.requests = 0
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                encoding = self.headers.get("Content-Encoding", "")
-                if encoding == "gzip":
-                    body = gzip.decompress(body)
-                elif encoding == "deflate":
-                    body = zlib.decompress(body)
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                spans = tracing.spans_from_otlp(body)
-                with receiver.lock:
-                    receiver.spans += spans
-                    receiver.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def trace_of(self, tx_id: str) -> list[SpanRecord]:
-        """Every span of the trace whose spans carry ``tx_id``."""
-        with self.lock:
-            spans = list(self.spans)
-        trace_ids = {s.trace_id for s in spans if s.attributes.get("tx_id") == tx_id}
-        return [s for s in spans if s.trace_id in trace_ids]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
