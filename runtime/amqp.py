@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import pika.exceptions
 import pika.spec
 import tenacity
 
-from runtime import tls
+from runtime import config, tls
 from runtime.amqp_loop import AmqpLink, expect_close
 from runtime.amqp_loop import one_line as _one_line
 from runtime.errors import (
@@ -40,6 +41,8 @@ from schemas.topology import (
     ERROR_HEADER,
     EXCHANGE,
     EXCHANGE_TYPE,
+    QUEUE_TYPE_ARGUMENT,
+    QUEUE_TYPES,
     dead_letter_queue_arguments,
     durable_queue_arguments,
 )
@@ -56,6 +59,7 @@ HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
 _ACCESS_REFUSED = 403
+_PRECONDITION_FAILED = 406  # a queue declared again with other arguments than it has
 
 
 def _in_exclusive_use(cause: BaseException | None) -> bool:
@@ -65,6 +69,22 @@ def _in_exclusive_use(cause: BaseException | None) -> bool:
         isinstance(cause, pika.exceptions.ChannelClosedByBroker)
         and cause.reply_code == _ACCESS_REFUSED
         and "exclusive use" in str(cause.reply_text)
+    )
+
+
+def _consumers(link: AmqpLink, queue: str) -> int:
+    """Consumers of the existing ``queue`` (a passive declare, on a channel of its own)."""
+    probe = link.open_channel()
+    ok = link.call(probe, probe.queue_declare, queue, passive=True)
+    link.close_channel(probe)
+    return int(ok.method.consumer_count)
+
+
+def _exclusive_use(queue: str) -> pika.exceptions.ChannelClosedByBroker:
+    """What RabbitMQ answers to an exclusive consume of a classic queue that has a consumer."""
+    return pika.exceptions.ChannelClosedByBroker(
+        _ACCESS_REFUSED,
+        f"ACCESS_REFUSED - queue '{queue}' in exclusive use (a quorum queue: checked by twophase)",
     )
 
 
@@ -122,32 +142,69 @@ def _header_str(value: Any) -> str:
 _warned_unbounded: list[bool] = []
 
 
-def _declare_dead_letter_queue(link: AmqpLink) -> None:
+def _declare_durable(link: AmqpLink, name: str, arguments: dict[str, object]) -> str | None:
+    """Declare the durable queue ``name`` on a channel of its own: None once declared, or the
+    broker's reply when it refuses because the queue exists with other arguments (406, which
+    closes that channel and no other)."""
+    probe = link.open_channel()
+    expect_close(probe, _PRECONDITION_FAILED)  # the answer, said in our own words
+    try:
+        link.call(probe, probe.queue_declare, name, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != _PRECONDITION_FAILED:
+            raise
+        return " ".join(str(exc.reply_text).split())
+    link.close_channel(probe)
+    return None
+
+
+def _other_type(refusal: str) -> str | None:
+    """The type the queue has, when the broker refused a declare for its ``x-queue-type``
+    (``... inequivalent arg 'x-queue-type' ... but current is 'classic'``; ``current is none``:
+    declared without one, a classic queue); None when it refused another argument."""
+    if f"'{QUEUE_TYPE_ARGUMENT}'" not in refusal:
+        return None
+    found = re.search(r"current is (?:the value )?'([^']*)'", refusal)
+    return found[1] if found else "classic"
+
+
+def _wrong_type(name: str, queue_type: str, current: str) -> ConfigurationError:
+    variable = config.QUEUE_TYPE_VARIABLE
+    return ConfigurationError(
+        f"queue {name} is a {current} queue, but {variable}={queue_type}, and a queue's type "
+        f"cannot change: stop every twophase process and delete the twophase queues once they "
+        f"are empty (rabbitmqctl delete_queue), or use a new virtual host, or set "
+        f"{variable}={current}"
+    )
+
+
+def _declare_dead_letter_queue(link: AmqpLink, queue_type: str) -> None:
     """Declare the dead-letter queue with its bounds, on a channel of its own: a queue declared
     earlier without them makes the broker refuse (and close that channel); it is then used as it
-    is, and the operator is told how to bound it."""
-    probe = link.open_channel()
-    try:
-        link.call(
-            probe,
-            probe.queue_declare,
-            DEAD_LETTER_QUEUE,
-            durable=True,
-            arguments=dead_letter_queue_arguments(),
-        )
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code != 406:  # PRECONDITION_FAILED: declared before with other arguments
-            raise
-        if not _warned_unbounded:  # once per process, not once per connection
-            _warned_unbounded.append(True)
-            log.warning(
-                "the dead-letter queue %s was declared by an older version without its bounds "
-                "(x-max-length, x-max-length-bytes); delete it while empty so that it is "
-                "declared again, or bound it with a policy (rabbitmqctl set_policy)",
-                DEAD_LETTER_QUEUE,
-            )
+    is, and the operator is told how to bound it. Of another type than ``queue_type``:
+    ConfigurationError (one line, what to do)."""
+    refusal = _declare_durable(link, DEAD_LETTER_QUEUE, dead_letter_queue_arguments(queue_type))
+    if refusal is None:
         return
-    link.close_channel(probe)
+    current = _other_type(refusal)
+    if current is None:
+        # Not its type, or not its type first: the broker names the first argument that
+        # differs. Declared by an older version without bounds, it has only the type, if any.
+        unbounded: dict[str, object] = {}
+        if queue_type != "classic":
+            unbounded[QUEUE_TYPE_ARGUMENT] = queue_type
+        again = _declare_durable(link, DEAD_LETTER_QUEUE, unbounded)
+        current = None if again is None else _other_type(again)
+    if current is not None:
+        raise _wrong_type(DEAD_LETTER_QUEUE, queue_type, current)
+    if not _warned_unbounded:  # once per process, not once per connection
+        _warned_unbounded.append(True)
+        log.warning(
+            "the dead-letter queue %s was declared by an older version without its bounds "
+            "(x-max-length, x-max-length-bytes); delete it while empty so that it is "
+            "declared again, or bound it with a policy (rabbitmqctl set_policy)",
+            DEAD_LETTER_QUEUE,
+        )
 
 
 class AmqpChannel:
@@ -160,7 +217,15 @@ class AmqpChannel:
         prefetch: int = 256,
         connection_name: str = "twophase",
         connect_attempts: int = 1,
+        queue_type: str | None = None,
     ) -> None:
+        """``queue_type``: of the durable queues it declares, ``classic`` or ``quorum``; None:
+        ``TWOPHASE_QUEUE_TYPE`` (runtime.config.queue_type, ConfigurationError if not one)."""
+        if queue_type is None:
+            queue_type = config.queue_type()
+        elif queue_type not in QUEUE_TYPES:
+            raise ConfigurationError(f"queue type {queue_type!r} is not one of {QUEUE_TYPES}")
+        self._queue_type = queue_type
         self._url = url
         self._prefetch = prefetch
         self._connection_name = connection_name
@@ -178,6 +243,10 @@ class AmqpChannel:
     def url(self) -> str:
         """The broker's URL, password included: redact it before showing it."""
         return self._url
+
+    @property
+    def queue_type(self) -> str:
+        return self._queue_type
 
     @property
     def generation(self) -> int:
@@ -265,7 +334,7 @@ class AmqpChannel:
                 link.call(
                     channel, channel.exchange_declare, exchange, exchange_type=kind, durable=True
                 )
-            _declare_dead_letter_queue(link)
+            _declare_dead_letter_queue(link, self._queue_type)
             link.call(
                 channel, channel.queue_bind, DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=""
             )
@@ -298,24 +367,45 @@ class AmqpChannel:
         if link is not None:
             link.close()
 
-    @staticmethod
     def _declare(
-        link: AmqpLink, channel: Any, name: str, *, durable: bool, exclusive: bool
+        self, link: AmqpLink, channel: Any, name: str, *, durable: bool, exclusive: bool
     ) -> None:
-        declared: dict[str, Any]
+        """Declare ``name`` and bind it. A durable queue is declared with the arguments of
+        ``self._queue_type`` on a channel of its own; one the broker refuses (it exists with
+        another type or other arguments) is a ConfigurationError, which waiting never mends.
+        An exclusive one (a client's reply queue) is always classic: quorum queues cannot be
+        exclusive nor auto-delete."""
         if exclusive:
             declared = {"durable": False, "exclusive": True, "auto_delete": True}
-        else:
-            declared = {"durable": durable, "arguments": durable_queue_arguments()}
-        link.call(channel, channel.queue_declare, name, **declared)
+            link.call(channel, channel.queue_declare, name, **declared)
+        elif durable:
+            refusal = _declare_durable(link, name, durable_queue_arguments(self._queue_type))
+            if refusal is not None:
+                current = _other_type(refusal)
+                if current is not None:
+                    raise _wrong_type(name, self._queue_type, current)
+                raise ConfigurationError(
+                    f"queue {name} exists with other arguments than this version declares "
+                    f"({refusal}): delete it once it is empty, or use a new virtual host"
+                )
+        else:  # transient and shared: no protocol queue is one; classic (quorum is durable)
+            arguments = durable_queue_arguments("classic")
+            link.call(channel, channel.queue_declare, name, durable=False, arguments=arguments)
         link.call(channel, channel.queue_bind, name, EXCHANGE, routing_key=name)
 
     def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False) -> None:
-        """Declare ``name`` and bind it to EXCHANGE under its own name (redone on reconnect)."""
+        """Declare ``name`` and bind it to EXCHANGE under its own name (redone on reconnect).
+
+        ConfigurationError if the broker refuses the declare of a durable queue for its type or
+        arguments (see :meth:`_declare`); then nothing is remembered for reconnect."""
         with self._remembering(lambda: self._queues.pop(name, None)):
             self._queues[name] = (durable, exclusive)
-            with self._io() as link:
-                self._declare(link, self._channel, name, durable=durable, exclusive=exclusive)
+            try:
+                with self._io() as link:
+                    self._declare(link, self._channel, name, durable=durable, exclusive=exclusive)
+            except ConfigurationError:
+                self._queues.pop(name, None)
+                raise
 
     def queue_counts(self, name: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of an existing queue; ``None`` when it does not exist.
@@ -375,9 +465,23 @@ class AmqpChannel:
     def _basic_consume(self, link: AmqpLink, channel: Any, queue: str) -> None:
         on_message = functools.partial(self._on_message, self._generation, queue)
         exclusive = queue in self._exclusive
-        link.call(
+        # RabbitMQ does not enforce an exclusive consume on a quorum queue (it accepts more
+        # consumers), so it is done here: no consumer before, this one alone after. The refusal
+        # is the broker's own for a classic queue, handled as that one is.
+        emulated = exclusive and self._quorum(queue)
+        if emulated and _consumers(link, queue) > 0:
+            raise _exclusive_use(queue)
+        ok = link.call(
             channel, channel.basic_consume, queue, on_message, auto_ack=False, exclusive=exclusive
         )
+        if emulated and _consumers(link, queue) > 1:  # another started at the same time
+            link.call(channel, channel.basic_cancel, ok.method.consumer_tag)
+            raise _exclusive_use(queue)
+
+    def _quorum(self, queue: str) -> bool:
+        """Whether this channel declared ``queue`` as a quorum queue."""
+        durable, exclusive = self._queues.get(queue, (False, True))
+        return self._queue_type == "quorum" and durable and not exclusive
 
     def _check_alive(self) -> AmqpLink:
         link, chan = self._link, self._channel

@@ -25,11 +25,15 @@ TWOPHASE_KEY_FILE              this process's secret key, mode 0600 (runtime.aut
                                made by `twophase keys init`)
 TWOPHASE_KEYRING               directory of the public keys of the peers it accepts
 TWOPHASE_INSECURE              on: a service starts without a key (as ``--insecure``; off)
+TWOPHASE_QUEUE_TYPE            classic (default) or quorum: the type of every durable queue
+                               (the clients' reply queues stay classic); one value per vhost
 =============================  ==========================================================
 
 The ``TWOPHASE_MAX_*`` limits (:func:`limits`) must be the same in every process of a deployment,
 the clients' included (``Client(limits=config.limits())``): what one process sends beyond another's
-limits is dead-lettered there.
+limits is dead-lettered there. So must ``TWOPHASE_QUEUE_TYPE`` (:func:`queue_type`, read by every
+``AmqpChannel``, a ``Client``'s included): every process declares the dead-letter queue, and a
+queue declared with another type than it has is refused (ConfigurationError, one line).
 """
 
 from __future__ import annotations
@@ -129,6 +133,21 @@ def metrics_port(flag: str | int | None, default: int) -> int:
             f"TWOPHASE_METRICS_PORT / --metrics-port must be 0 (off) to 65535, got {port}"
         )
     return port
+
+
+QUEUE_TYPE_VARIABLE = "TWOPHASE_QUEUE_TYPE"
+
+
+def queue_type(flag: str | None = None) -> str:
+    """``TWOPHASE_QUEUE_TYPE``: ``classic`` (default) or ``quorum``, the type every durable queue
+    is declared with (schemas.topology.durable_queue_arguments); ConfigurationError otherwise."""
+    raw = setting(flag, QUEUE_TYPE_VARIABLE, "")
+    text = raw.strip().lower() or "classic"  # unset or empty: the default
+    if text not in topology.QUEUE_TYPES:
+        raise ConfigurationError(
+            f"{QUEUE_TYPE_VARIABLE} must be {' or '.join(topology.QUEUE_TYPES)}, got {raw!r}"
+        )
+    return text
 
 
 #: variable -> (Limits field, what a unit of the variable is in the field's unit)

@@ -48,9 +48,27 @@ def client_queue(client_id: str) -> str:
     return CLIENT_QUEUE_PREFIX + client_id
 
 
-def durable_queue_arguments() -> dict[str, object]:
-    """Arguments every durable protocol queue is declared with (must match on every declare)."""
-    return {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE, "x-queue-type": "classic"}
+#: the types a durable queue may be declared as (``TWOPHASE_QUEUE_TYPE``); exclusive queues, the
+#: clients' reply queues, are always classic: quorum queues cannot be exclusive nor auto-delete
+QUEUE_TYPES = ("classic", "quorum")
+QUEUE_TYPE_ARGUMENT = "x-queue-type"
+
+
+def _checked(queue_type: str) -> str:
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"queue type {queue_type!r} is not one of {', '.join(QUEUE_TYPES)}")
+    return queue_type
+
+
+def durable_queue_arguments(queue_type: str = "classic") -> dict[str, object]:
+    """Arguments every durable protocol queue is declared with (must match on every declare).
+
+    Both types accept them; none of what quorum queues refuse (``x-queue-version``,
+    ``x-max-priority``) is used. No ``x-delivery-limit``: docs/architecture.md §11.1."""
+    return {
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        QUEUE_TYPE_ARGUMENT: _checked(queue_type),
+    }
 
 
 #: the dead-letter queue keeps at most this many messages / bytes; the oldest go first
@@ -58,10 +76,17 @@ DEAD_LETTER_MAX_LENGTH = 100_000
 DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
 
 
-def dead_letter_queue_arguments() -> dict[str, object]:
-    """The dead-letter queue is bounded: a flood of bad messages must not fill the broker."""
-    return {
+def dead_letter_queue_arguments(queue_type: str = "classic") -> dict[str, object]:
+    """The dead-letter queue is bounded: a flood of bad messages must not fill the broker.
+
+    Quorum queues take the same bounds (``drop-head`` included). A classic one is declared
+    without ``x-queue-type``, as it always was: the broker accepts that for a classic queue
+    declared either way, and compose's definitions.json declares it so."""
+    bounds: dict[str, object] = {
         "x-max-length": DEAD_LETTER_MAX_LENGTH,
         "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
         "x-overflow": "drop-head",
     }
+    if _checked(queue_type) != "classic":
+        bounds[QUEUE_TYPE_ARGUMENT] = queue_type
+    return bounds

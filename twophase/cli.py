@@ -57,6 +57,7 @@ def _coordinator(args: argparse.Namespace) -> int:
         insecure=config.without_key_allowed(args.insecure),
     )
     store.database_url(coordinator.log_url)  # a URL that cannot work ends here, not in the wait
+    config.queue_type()  # read by every AmqpChannel; a bad value ends here, not in the wait
     wait_for_dependencies(
         "coordinator",
         [
@@ -81,6 +82,7 @@ def _participant(args: argparse.Namespace) -> int:
     if app.auth is None:  # an app that brings its own key keeps it
         app.configure_auth(args.key_file, args.keyring, insecure=args.insecure)
     store.database_url(app.log_url)  # a URL that cannot work ends here, not in the wait
+    config.queue_type()  # read by every AmqpChannel; a bad value ends here, not in the wait
     # The databases first: a database that does not exist ends the start before the broker
     # probe's connection (and anything it logs) is made.
     dependencies = [database_dependency("log", app.log_url)]
