@@ -21,6 +21,7 @@ defined here, so that a module that only raises or catches one (``config``, ``lo
     ├── UnknownOperation (RuntimeError)
     ├── HeuristicHazard
     ├── CoordinatorRunning
+    ├── Fenced
     ├── UnknownTransaction
     ├── OutcomeUnknown (TimeoutError)
     ├── LimitExceeded (ValueError)
@@ -50,6 +51,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionLost",
     "CoordinatorRunning",
+    "Fenced",
     "HeuristicHazard",
     "InstanceRunning",
     "LimitExceeded",
@@ -139,6 +141,35 @@ class CoordinatorRunning(TwophaseError):
 
 class UnknownTransaction(TwophaseError):
     """The log has no record of the ``tx_id``; nothing was changed (``force`` overrides)."""
+
+
+# ---- partition leases (runtime.leases) ----------------------------------------------------
+
+
+class Fenced(TwophaseError):
+    """A fenced log write was refused: the partition's lease row no longer holds the writer's
+    epoch (another instance acquired it since), or its owner released it. Nothing was written in
+    that transaction. Not an outage (:mod:`runtime.outages` never retries it): the writer stops
+    serving the partition and publishes nothing that follows from the write (rule L6,
+    docs/architecture.md §12.1); it serves it again only by acquiring it anew and recovering."""
+
+    def __init__(
+        self, partition: int, epoch: int, current: int | None, owner: str | None = None
+    ) -> None:
+        self.partition = partition
+        self.epoch = epoch
+        self.current = current
+        self.owner = owner
+        if current is None:
+            now = "it has no lease row"
+        elif current == epoch:
+            now = "it was released"
+        else:
+            now = f"it is at epoch {current}, owner {owner or 'none'}"
+        super().__init__(
+            f"partition {partition}: the lease is no longer at epoch {epoch} ({now}); "
+            "stop serving it"
+        )
 
 
 # ---- the client (coordinator.client) -------------------------------------------------------

@@ -25,7 +25,7 @@ import sqlalchemy.exc
 import tenacity
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
-from runtime.errors import BrokerUnavailable, ConnectionLost
+from runtime.errors import BrokerUnavailable, ConnectionLost, Fenced
 from runtime.redaction import redact_url
 
 log = logging.getLogger("twophase.outages")
@@ -63,9 +63,12 @@ def outage_cause(exc: BaseException) -> str | None:
 
     An error the server answered with (a SQLSTATE) is an outage only when it says the server
     is going away, refuses connections or lacks resources: a lock timeout or a constraint is an
-    answer, and waiting would not change it.
+    answer, and waiting would not change it. So is :class:`~runtime.errors.Fenced` (a lease lost,
+    rule L6), even when raised while an outage was being handled (its context is not looked at).
     """
     for link in _chain(exc):
+        if isinstance(link, Fenced):
+            return None
         if isinstance(link, sqlalchemy.exc.DBAPIError) and link.connection_invalidated:
             return one_line(link)
         sqlstate = getattr(getattr(link, "orig", None) or link, "sqlstate", None)
