@@ -58,34 +58,37 @@ ORIGINAL_KEY_HEADER = "x-original-routing-key"
 HEARTBEAT_SECONDS = 30
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 300.0
 _RETRYABLE = (pika.exceptions.AMQPError, OSError)
-_ACCESS_REFUSED = 403
 _PRECONDITION_FAILED = 406  # a queue declared again with other arguments than it has
 
 
-def _in_exclusive_use(cause: BaseException | None) -> bool:
-    """Whether the broker closed the channel because the queue has a consumer already (its
-    ACCESS_REFUSED for a denied read says ``refused for user`` instead)."""
-    return (
-        isinstance(cause, pika.exceptions.ChannelClosedByBroker)
-        and cause.reply_code == _ACCESS_REFUSED
-        and "exclusive use" in str(cause.reply_text)
-    )
+_ACCESS_REFUSED = 403
+_RESOURCE_LOCKED = 405  # an exclusive queue of another connection
+#: how long a reconnect waits for a lock held by another connection: the broker drops a dead
+#: connection (this process's previous one, say) within two heartbeats
+LOCK_WAIT_S = 2 * HEARTBEAT_SECONDS + 10
 
 
-def _consumers(link: AmqpLink, queue: str) -> int:
-    """Consumers of the existing ``queue`` (a passive declare, on a channel of its own)."""
+def _take_lock(link: AmqpLink, name: str) -> bool:
+    """Declare ``name`` as an exclusive, auto-deleted queue of this connection, on a channel of
+    its own (the queue belongs to the connection); False if another connection holds it
+    (RESOURCE_LOCKED, which closes that channel only)."""
     probe = link.open_channel()
-    ok = link.call(probe, probe.queue_declare, queue, passive=True)
-    link.close_channel(probe)
-    return int(ok.method.consumer_count)
-
-
-def _exclusive_use(queue: str) -> pika.exceptions.ChannelClosedByBroker:
-    """What RabbitMQ answers to an exclusive consume of a classic queue that has a consumer."""
-    return pika.exceptions.ChannelClosedByBroker(
-        _ACCESS_REFUSED,
-        f"ACCESS_REFUSED - queue '{queue}' in exclusive use (a quorum queue: checked by twophase)",
-    )
+    expect_close(probe, _RESOURCE_LOCKED)  # the answer, said in our own words
+    try:
+        link.call(probe, probe.queue_declare, name, exclusive=True, auto_delete=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code not in (_RESOURCE_LOCKED, _ACCESS_REFUSED):
+            raise
+        refused = exc.reply_code == _ACCESS_REFUSED
+    else:
+        link.close_channel(probe)
+        return True
+    if refused:  # raised out of the handler: a setting to fix, not an outage to wait out
+        raise ConfigurationError(
+            f"RabbitMQ refused this account the declare of {name}, this service's lock: grant "
+            "it configure permission on that name (compose/rabbitmq/definitions.json)"
+        )
+    return False
 
 
 _SHORTSTR_MAX = 255  # bytes of an AMQP short string: routing keys, queue names
@@ -231,8 +234,9 @@ class AmqpChannel:
         self._connection_name = connection_name
         self._queues: dict[str, tuple[bool, bool]] = {}  # name -> (durable, exclusive)
         self._consumed: list[str] = []
-        #: consumed as the queue's only consumer (basic.consume exclusive), also after reconnects
-        self._exclusive: set[str] = set()
+        #: the broker's locks this channel holds (:meth:`hold`), taken again on reconnect
+        self._locks: list[str] = []
+        self._lock_contested = False
         self._generation = 0
         self._link: AmqpLink | None = None
         self._channel: Any = None  # a pika.channel.Channel of self._link
@@ -338,6 +342,8 @@ class AmqpChannel:
             link.call(
                 channel, channel.queue_bind, DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=""
             )
+            for lock in self._locks:  # first: nothing is consumed without the lock
+                self._take_lock_again(link, lock)
             for name, (durable, exclusive) in self._queues.items():
                 self._declare(link, channel, name, durable=durable, exclusive=exclusive)
             for queue in self._consumed:
@@ -346,6 +352,27 @@ class AmqpChannel:
             link.close()
             raise
         self._link, self._channel = link, channel
+
+    def _take_lock_again(self, link: AmqpLink, lock: str) -> None:
+        """On reconnect: the lock, once another connection lets it go. That is this process's
+        previous connection until the broker notices it is dead, or another instance that took
+        over meanwhile; past LOCK_WAIT_S it is the latter, and InstanceRunning ends this one."""
+        waited_since = time.monotonic()
+        while not _take_lock(link, lock):
+            if not self._lock_contested:
+                log.warning(
+                    "%s is held by another connection (this process's previous one, not yet "
+                    "dropped by the broker, or another instance); waiting up to %d s",
+                    lock,
+                    LOCK_WAIT_S,
+                )
+            self._lock_contested = True
+            if time.monotonic() - waited_since > LOCK_WAIT_S:
+                raise InstanceRunning(
+                    f"{lock} is still held by another connection after {LOCK_WAIT_S} s: another "
+                    "instance took over while this one was cut off from RabbitMQ"
+                )
+            time.sleep(1.0)
 
     def reconnect(self, attempts: int = 1_000_000) -> None:
         """Drop everything in flight and connect again (new generation).
@@ -425,32 +452,34 @@ class AmqpChannel:
             link.close_channel(probe)
         return int(ok.method.message_count), int(ok.method.consumer_count)
 
-    def consume(self, queue: str, *, exclusive: bool = False) -> None:
-        """Start consuming ``queue`` with manual ack (redone on reconnect). ``exclusive``: as
-        its only consumer, InstanceRunning if it has another (this channel is then closed)."""
+    def consume(self, queue: str) -> None:
+        """Start consuming ``queue`` with manual ack (redone on reconnect)."""
         if queue in self._consumed:
             return
-        if exclusive:
-            self._exclusive.add(queue)
         with self._remembering(lambda: self._consumed.remove(queue)):
             self._consumed.append(queue)
-            try:
-                with self._io() as link:
-                    if exclusive:
-                        expect_close(self._channel, _ACCESS_REFUSED)  # the answer, not a fault
-                    self._basic_consume(link, self._channel, queue)
-            except ConnectionLost as exc:
-                if not _in_exclusive_use(exc.__cause__):
-                    raise
-                taken = True
-            else:
-                taken = False
-        if taken:  # raised here, out of the handler: the lost channel is no outage to wait out
-            self._consumed.remove(queue)
-            self._exclusive.discard(queue)
-            raise InstanceRunning(
-                f"{queue} already has a consumer: another instance of this service is running"
-            )
+            with self._io() as link:
+                self._basic_consume(link, self._channel, queue)
+
+    def hold(self, lock: str) -> None:
+        """Hold the broker's lock ``lock`` for as long as this channel lives, reconnects included:
+        an exclusive queue of this connection, which the broker refuses to any other connection
+        and deletes when this one goes (runtime/instances.py). InstanceRunning if another
+        connection holds it now."""
+        if lock in self._locks:
+            return
+        with self._io() as link:
+            taken = _take_lock(link, lock)
+        if not taken:  # raised here, out of any handler: a refusal is no outage to wait out
+            raise InstanceRunning(f"{lock} is held by another connection")
+        self._locks.append(lock)
+
+    def take_lock_contested(self) -> bool:
+        """Whether a reconnect found a lock held by another connection and waited for it (since
+        the last call): another instance may have served meanwhile, so what this process holds
+        in memory may be stale and must be rebuilt from the log."""
+        contested, self._lock_contested = self._lock_contested, False
+        return contested
 
     @contextmanager
     def _remembering(self, forget: Callable[[], object]) -> Iterator[None]:
@@ -464,24 +493,7 @@ class AmqpChannel:
 
     def _basic_consume(self, link: AmqpLink, channel: Any, queue: str) -> None:
         on_message = functools.partial(self._on_message, self._generation, queue)
-        exclusive = queue in self._exclusive
-        # RabbitMQ does not enforce an exclusive consume on a quorum queue (it accepts more
-        # consumers), so it is done here: no consumer before, this one alone after. The refusal
-        # is the broker's own for a classic queue, handled as that one is.
-        emulated = exclusive and self._quorum(queue)
-        if emulated and _consumers(link, queue) > 0:
-            raise _exclusive_use(queue)
-        ok = link.call(
-            channel, channel.basic_consume, queue, on_message, auto_ack=False, exclusive=exclusive
-        )
-        if emulated and _consumers(link, queue) > 1:  # another started at the same time
-            link.call(channel, channel.basic_cancel, ok.method.consumer_tag)
-            raise _exclusive_use(queue)
-
-    def _quorum(self, queue: str) -> bool:
-        """Whether this channel declared ``queue`` as a quorum queue."""
-        durable, exclusive = self._queues.get(queue, (False, True))
-        return self._queue_type == "quorum" and durable and not exclusive
+        link.call(channel, channel.basic_consume, queue, on_message, auto_ack=False)
 
     def _check_alive(self) -> AmqpLink:
         link, chan = self._link, self._channel

@@ -34,7 +34,7 @@ from runtime import logs, outages, selfstats
 from runtime.amqp import AmqpChannel, Delivery
 from runtime.auth import Auth, Refusal, Verified
 from runtime.crashpoints import crashpoint
-from runtime.errors import ConnectionLost, PublishError, PublishRefused
+from runtime.errors import ConfigurationError, ConnectionLost, PublishError, PublishRefused
 from runtime.journal import Journal
 from runtime.seams import CoreEffect, DriverEvent, Observer, Side, plain_headers
 from runtime.suspects import POISON_ATTEMPTS, Suspects
@@ -260,6 +260,8 @@ class BatchDriver(Generic[E, F, R]):
                 self.turn()
             except ConnectionLost as exc:
                 self._recover_connection(exc)
+        except ConfigurationError:
+            raise  # another instance took over while this one was cut off: it must stop
         except Exception as exc:
             self._after_failure(exc)
 
@@ -269,6 +271,12 @@ class BatchDriver(Generic[E, F, R]):
             self.watch.lost(self._broker, str(exc))
             self.stats.reconnects += 1
             self.channel.reconnect()
+            if self.channel.take_lock_contested():
+                # another instance may have served meanwhile: what memory holds may be stale
+                log.warning("%s: its lock was held by another connection; rebuilding", self.name)
+                self._restart()
+                self.watch.regained(self._broker)
+                return
             try:
                 self.republish()
             except ConnectionLost as again:

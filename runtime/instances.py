@@ -3,11 +3,12 @@ is refused at start (docs/architecture.md §11.2).
 
 Two instances consuming one queue would each serve part of its messages from their own memory:
 a participant's second copy once left its reservations prepared while the transactions ended
-(issue 14). The guard is the broker's: the service consumes its queue as the only consumer
-(``basic.consume`` exclusive), before it recovers from its log, so a second instance stops before
-it reads or changes anything. The broker cannot say who holds the queue, so the holder writes
-who it is in its log database (``twophase_instances``), where a second instance sharing that
-database reads it to name the first in its one line.
+(issue 14). The guard is the broker's: before it recovers from its log, a service declares its
+lock (``twophase.lock.<queue>``, schemas.topology.lock_queue) as an exclusive queue of its
+connection, which RabbitMQ refuses to any other connection (RESOURCE_LOCKED) and deletes when
+the holder's connection goes, for classic and quorum protocol queues alike. The broker cannot
+say who holds it, so the holder writes who it is in its log database (``twophase_instances``),
+where a second instance sharing that database reads it to name the first in its one line.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Protocol
 import sqlalchemy as sa
 
 from runtime.errors import InstanceRunning
+from schemas import topology
 
 _metadata = sa.MetaData()
 INSTANCES = sa.Table(
@@ -30,8 +32,8 @@ INSTANCES = sa.Table(
 )
 
 
-class ExclusiveConsumer(Protocol):
-    def consume(self, queue: str, *, exclusive: bool = False) -> None: ...
+class Lockable(Protocol):
+    def hold(self, lock: str) -> None: ...
 
 
 def this_instance() -> str:
@@ -65,20 +67,20 @@ def claim(engine: sa.Engine, service: str, who: str) -> None:
         conn.execute(sa.insert(INSTANCES).values(service=service, holder=who[:300]))
 
 
-def serve_alone(channel: ExclusiveConsumer, queue: str, engine: sa.Engine, service: str) -> None:
-    """Consume ``queue`` as its only consumer and write this instance into ``engine``'s
-    database; InstanceRunning (one line, naming the first instance when its database says who)
-    if another instance consumes it."""
+def serve_alone(channel: Lockable, queue: str, engine: sa.Engine, service: str) -> None:
+    """Hold the lock of the service that consumes ``queue`` and write this instance into
+    ``engine``'s database; InstanceRunning (one line, naming the last instance that started on
+    this database when it has one) if another instance holds it."""
     try:
-        channel.consume(queue, exclusive=True)
+        channel.hold(topology.lock_queue(queue))
     except InstanceRunning:
         first: str | None = holder(engine, service) or ""
     else:
         first = None
     if first is not None:
-        named = f" ({first})" if first else ""
+        named = f" (last started on this log by {first})" if first else ""
         raise InstanceRunning(
-            f"{service} is already running{named}: {queue} has a consumer; stop that instance "
-            "first (one instance per name)"
+            f"{service} is already running{named}: {topology.lock_queue(queue)} is held by "
+            "another connection; stop that instance first (one instance per name)"
         )
     claim(engine, service, this_instance())

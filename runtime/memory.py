@@ -71,9 +71,14 @@ class MemoryChannel:
             queue = self.broker.queues.get(name)
             return None if queue is None else (len(queue), 1)
 
-    def consume(self, queue: str, *, exclusive: bool = False) -> None:
-        # ``exclusive`` is not modelled: tests restart a service on the same broker while the
-        # old channel object lives on (tests/integration/test_single_instance.py has the real one)
+    def hold(self, lock: str) -> None:
+        """Locks are not modelled: tests restart a service on the same broker while the old
+        channel object lives on (tests/integration/test_single_instance.py has the real one)."""
+
+    def take_lock_contested(self) -> bool:
+        return False
+
+    def consume(self, queue: str) -> None:
         if queue not in self._consumed:
             self._consumed.append(queue)
 

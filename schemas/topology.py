@@ -36,6 +36,17 @@ def is_valid_participant_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None
 
 
+LOCK_QUEUE_PREFIX = "twophase.lock."
+
+
+def lock_queue(queue: str) -> str:
+    """The lock of the service that consumes ``queue`` (``twophase.coordinator`` ->
+    ``twophase.lock.coordinator``): an exclusive queue its holder's connection declares
+    (runtime/instances.py). Apart from every protocol queue's name, so no participant name can
+    make one collide with it."""
+    return LOCK_QUEUE_PREFIX + queue.removeprefix("twophase.")
+
+
 def participant_queue(name: str) -> str:
     if not is_valid_participant_name(name):
         raise ValueError(

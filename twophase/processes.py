@@ -105,6 +105,8 @@ class ServiceGroup:
         return {
             auth.KEY_FILE_VARIABLE: self.keys.key_file(identity),
             auth.KEYRING_VARIABLE: str(self.keys.keyring),
+            # with keys, a broken key wiring must fail, not fall back to running insecure
+            config.INSECURE_VARIABLE: "off",
         }
 
     def start_coordinator(self, name: str = "coordinator", **env: str) -> subprocess.Popen[bytes]:

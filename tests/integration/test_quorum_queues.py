@@ -6,7 +6,7 @@ publisher confirms, manual acks, redelivery and the dead-letter path work as on 
 real services commit transfers, a participant killed with SIGKILL mid-load recovers with the money
 conserved, a poison message still ends in the dead-letter queue. A vhost whose queues are classic
 is refused at start with one line (exit 2), as is an unknown queue type, and a second instance is
-refused although RabbitMQ does not enforce exclusive consumers on quorum queues.
+refused on quorum queues too (its lock is an exclusive classic queue of its own).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def test_confirms_acks_redelivery_and_dead_letters_on_quorum_queues(
         for i in range(5):
             channel.publish(queue, f"m{i}".encode())
         channel.wait_for_confirms()  # publisher confirms from a quorum queue
-        channel.consume(queue, exclusive=True)
+        channel.consume(queue)
         first = poll_until(channel, 5)
         assert sorted(d.body for d in first) == [f"m{i}".encode() for i in range(5)]
         assert not any(d.redelivered for d in first)
@@ -413,8 +413,8 @@ def test_an_unknown_queue_type_ends_the_start_with_one_line(services: ServiceGro
 def test_a_second_instance_is_refused_on_quorum_queues_too(
     quorum: None, services: ServiceGroup, amqp_url: str
 ) -> None:
-    # RabbitMQ accepts more consumers on a quorum queue although the first is exclusive: the
-    # channel checks the consumers itself (runtime.amqp.AmqpChannel._basic_consume).
+    # RabbitMQ would accept a second exclusive consumer on a quorum queue: the lock is a queue of
+    # its own (runtime/instances.py)
     services.start_coordinator()
     services.wait_ready([topology.COORDINATOR_QUEUE])
     argv, env = services.commands["coordinator"]

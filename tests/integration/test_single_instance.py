@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from coordinator.client import Client
-from runtime import instances, store
+from runtime import amqp, instances, outages, store
 from runtime.amqp import AmqpChannel
+from runtime.errors import InstanceRunning
 from schemas import topology
 from schemas.messages import OutcomeKind
 from twophase import bank
@@ -58,8 +59,8 @@ def assert_refused_naming(status: int, lines: list[str], service: str, first_pid
     assert len(lines) == 1, lines
     line = lines[0]
     assert f"{service} is already running" in line, line
-    assert f"{socket.gethostname()} pid {first_pid}," in line, line  # the first, by its log
-    assert "stop that instance first" in line, line
+    assert f"last started on this log by {socket.gethostname()} pid {first_pid}," in line, line
+    assert "is held by another connection; stop that instance first" in line, line
 
 
 @pytest.fixture
@@ -126,7 +127,8 @@ def test_without_a_shared_log_the_line_names_the_queue(
     )
     status, lines = second_copy(services, "elsewhere", f"{BANK}-elsewhere")
     assert status == 2 and len(lines) == 1, lines
-    assert f"participant {BANK} is already running: {QUEUE} has a consumer" in lines[0]
+    lock = topology.lock_queue(QUEUE)
+    assert f"participant {BANK} is already running: {lock} is held by another" in lines[0]
     assert bank.totals(other_db, BANK) == (100, 0)
 
 
@@ -156,3 +158,72 @@ def test_services_sharing_a_database_claim_their_names_at_the_same_moment(pg_url
             assert (instances.holder(engine, f"participant bank-{n}") or "").startswith(me)
     finally:
         engine.dispose()
+
+
+# ---- the lock at the channel, across reconnects ----------------------------------------------
+
+
+def test_a_lock_is_refused_to_another_connection_and_freed_with_its_holder(amqp_url: str) -> None:
+    lock = topology.lock_queue(QUEUE)
+    first = AmqpChannel(amqp_url, connection_name="twophase-test-first")
+    second = AmqpChannel(amqp_url, connection_name="twophase-test-second")
+    try:
+        first.hold(lock)
+        first.hold(lock)  # held already: nothing to do
+        with pytest.raises(InstanceRunning, match=f"{lock} is held by another connection"):
+            second.hold(lock)
+        assert not outages.is_outage(InstanceRunning("x"))
+        second.publish(QUEUE, b"still usable")  # the refusal closed a probe channel only
+        first.close()
+        second.hold(lock)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_reconnect_waits_for_its_lock_then_says_it_was_contested(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off, this instance finds its lock held by another connection: it waits, takes it once
+    free, and says so (the driver then rebuilds its state from the log)."""
+    monkeypatch.setattr(amqp, "LOCK_WAIT_S", 20)
+    lock = topology.lock_queue(QUEUE)
+    cut_off = AmqpChannel(amqp_url, connection_name="twophase-test-cut-off")
+    other = AmqpChannel(amqp_url, connection_name="twophase-test-other")
+    try:
+        cut_off.hold(lock)
+        cut_off._close_connection()
+        other.hold(lock)
+        threading.Timer(1.5, other.close).start()  # the other instance goes away
+        started = time.monotonic()
+        cut_off.reconnect()
+        assert 1.0 < time.monotonic() - started < 15
+        assert cut_off.take_lock_contested() is True
+        assert cut_off.take_lock_contested() is False
+        third = AmqpChannel(amqp_url, connection_name="twophase-test-third")
+        try:
+            with pytest.raises(InstanceRunning):  # and it holds the lock again
+                third.hold(lock)
+        finally:
+            third.close()
+    finally:
+        cut_off.close()
+        other.close()
+
+
+def test_a_reconnect_that_cannot_take_its_lock_back_ends_the_instance(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(amqp, "LOCK_WAIT_S", 2)
+    lock = topology.lock_queue(QUEUE)
+    cut_off = AmqpChannel(amqp_url, connection_name="twophase-test-cut-off")
+    other = AmqpChannel(amqp_url, connection_name="twophase-test-other")
+    try:
+        cut_off.hold(lock)
+        cut_off._close_connection()
+        other.hold(lock)
+        with pytest.raises(InstanceRunning, match="another instance took over"):
+            cut_off.reconnect()
+    finally:
+        cut_off.close()
+        other.close()

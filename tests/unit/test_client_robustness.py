@@ -54,7 +54,7 @@ class FakeChannel:
     def declare_queue(self, name: str, *, durable: bool = True, exclusive: bool = False) -> None:
         pass
 
-    def consume(self, queue: str, *, exclusive: bool = False) -> None:
+    def consume(self, queue: str) -> None:
         pass
 
     def _check(self) -> None:

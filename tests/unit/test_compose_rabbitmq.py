@@ -84,6 +84,11 @@ def _declare_and_bind(queue: str) -> list[tuple[str, str]]:
     ]
 
 
+def _lock(queue: str) -> list[tuple[str, str]]:
+    # one instance per name: an exclusive queue of the holder's connection (runtime/instances.py)
+    return [("configure", topology.lock_queue(queue))]
+
+
 def _consume(queue: str) -> list[tuple[str, str]]:
     return [("read", queue)]
 
@@ -99,6 +104,7 @@ def required(user: str) -> list[tuple[str, str]]:
         return [
             *_shared(),
             *_declare_and_bind(queue),
+            *_lock(queue),
             *_consume(queue),
             *_publish(topology.EXCHANGE, topology.participant_queue("bank-c")),
             *_publish(topology.EXCHANGE, client_reply_queue(CLIENT, uuid.uuid4().hex)),
@@ -121,6 +127,7 @@ def required(user: str) -> list[tuple[str, str]]:
     return [
         *_shared(),
         *_declare_and_bind(queue),
+        *_lock(queue),
         *_consume(queue),
         *_publish(topology.EXCHANGE, topology.COORDINATOR_QUEUE),
         *_publish(topology.DEAD_LETTER_EXCHANGE),

@@ -265,6 +265,24 @@ def test_a_connection_lost_while_publishing_loses_and_doubles_nothing(system: Sy
     assert system.balance("bank-b") == (110, 0)
 
 
+def test_a_reconnect_that_found_its_lock_taken_rebuilds_from_the_log(system: System) -> None:
+    """Another instance may have served while this one was cut off (runtime/instances.py): the
+    driver does not trust its memory, it rebuilds it from the log, as after a restart."""
+    coordinator = system.coordinator
+    channel = coordinator.channel
+    assert isinstance(channel, MemoryChannel)
+    contested = iter([True])
+    channel.take_lock_contested = lambda: next(contested, False)
+    system.client.publish(topology.COORDINATOR_QUEUE, encode(transfer("cut-off")))
+    channel.drop_connection()
+    restarts = coordinator.driver.stats.restarts
+    coordinator.step()
+    assert coordinator.driver.stats.restarts == restarts + 1  # rebuilt, not only republished
+    system.settle()
+    assert [o.outcome for o in system.outcomes()] == [OutcomeKind.COMMITTED]
+    assert system.balance("bank-b") == (110, 0)
+
+
 def _count_commits(engine: sa.Engine) -> list[int]:
     commits: list[int] = []
     sa.event.listen(engine, "commit", lambda _conn: commits.append(1))

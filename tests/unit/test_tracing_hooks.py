@@ -66,7 +66,13 @@ class FakeChannel:
         with self.bus.lock:
             self.bus.queues.setdefault(name, deque())
 
-    def consume(self, queue: str, *, exclusive: bool = False) -> None:
+    def hold(self, lock: str) -> None:
+        pass
+
+    def take_lock_contested(self) -> bool:
+        return False
+
+    def consume(self, queue: str) -> None:
         self.consuming.append(queue)
 
     def poll(self, timeout: float, max_messages: int = 10_000) -> list[Delivery]:
