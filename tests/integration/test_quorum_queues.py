@@ -16,27 +16,26 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import pika
 import pytest
 
-from coordinator.client import Client, OutcomeUnknown
-from coordinator.log import DecisionLog
+from coordinator.client import Client
 from runtime.amqp import AmqpChannel, Delivery
 from runtime.errors import ConfigurationError
 from runtime.suspects import POISON_ATTEMPTS
 from schemas import topology
 from schemas.codec import encode
-from schemas.messages import Begin, Outcome, OutcomeKind
-from schemas.records import TxAborted, TxCommitting
+from schemas.messages import Begin, OutcomeKind
 from tests.conftest import rabbitmqctl
 from tests.integration.test_recovery import (
     BANKS,
     Cluster,
     apply,
     copy,
+    decided_in_log,
+    drive_load,
     transfer,
     wait_for,
 )
@@ -251,69 +250,23 @@ def test_a_participant_killed_mid_load_recovers_and_money_is_conserved(cluster: 
     for i in range(LOAD_TRANSFERS):
         payer, payee, fee = BANKS[i % 3 :] + BANKS[: i % 3]
         plan[f"load-{i:03d}"] = transfer(1 + i % 7, payer, payee, fee, account=i % LOAD_ACCOUNTS)
-    seen: dict[str, Outcome | None] = {}
-    killed = False
     with Client(cluster.amqp_url) as client:
-        pending: dict[Future[Outcome], tuple[str, float]] = {}
-        queue = list(plan)
-        while queue or pending:
-            while queue and len(pending) < LOAD_CONCURRENCY:
-                tx = queue.pop(0)
-                pending[client.submit_future(plan[tx], tx_id=tx, timeout=5.0)] = (
-                    tx,
-                    time.monotonic(),
-                )
-            if not killed and len(seen) >= LOAD_TRANSFERS // 3:
-                killed = True
-                assert len(pending) == LOAD_CONCURRENCY  # a full window in flight
-                cluster.services.kill("bank-b", signal.SIGKILL)  # with PREPAREs unacked
-                time.sleep(0.5)
-                cluster.services.restart("bank-b")
-                cluster.ready("bank-b")
-            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                tx, _ = pending.pop(future)
-                try:
-                    seen[tx] = future.result()
-                except Exception:  # the client gave up on it
-                    seen[tx] = None
-            for future, (tx, since) in list(pending.items()):
-                if time.monotonic() - since > LOAD_WAIT_S:
-                    future.cancel()
-                    del pending[future]
-                    seen[tx] = None
-        assert killed
+
+        def kill_bank_b(in_flight: list[str]) -> None:
+            assert len(in_flight) == LOAD_CONCURRENCY  # a full window in flight
+            cluster.services.kill("bank-b", signal.SIGKILL)  # with PREPAREs unacked
+            time.sleep(0.5)
+            cluster.services.restart("bank-b")
+            cluster.ready("bank-b")
+
+        seen = drive_load(
+            client, plan, kill_bank_b, concurrency=LOAD_CONCURRENCY, wait_s=LOAD_WAIT_S
+        )
         for name, process in cluster.services.processes.items():
             assert process.poll() is None, f"{name} exited:\n{cluster.services.output(name)}"
-        try:
-            wait_for(lambda: not cluster.in_doubt(), timeout=120, what="nothing in doubt")
-        except AssertionError:
-            raise AssertionError(f"still in doubt: {cluster.in_doubt()}") from None
+        cluster.wait_until_settled()
 
-        log = DecisionLog(str(cluster.workdir / "coordinator.log.db"))
-        try:
-            history = log.history(list(plan))
-        finally:
-            log.close()
-        decided: dict[str, OutcomeKind] = {}
-        for tx in plan:
-            records = history.get(tx, [])
-            if any(isinstance(r, TxCommitting) for r in records):
-                decided[tx] = OutcomeKind.COMMITTED
-                assert not any(isinstance(r, TxAborted) for r in records), records
-            elif any(isinstance(r, TxAborted) for r in records):
-                decided[tx] = OutcomeKind.ABORTED
-            else:
-                decided[tx] = OutcomeKind.UNKNOWN
-        for tx, outcome in seen.items():
-            if outcome is not None:
-                assert outcome.outcome is decided[tx], (tx, outcome, history.get(tx))
-            else:
-                try:
-                    status = client.status(tx, wait=10).outcome
-                except OutcomeUnknown:
-                    status = None
-                assert status is decided[tx], (tx, status, history.get(tx))
+        decided = decided_in_log(cluster, plan, seen, client)
 
     committed = {tx for tx, kind in decided.items() if kind is OutcomeKind.COMMITTED}
     print(f"the log says {Counter(k.value for k in decided.values())}")

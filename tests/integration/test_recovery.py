@@ -21,7 +21,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -83,6 +83,39 @@ if _kind and _point:
 
     journal.Journal.append = _append_then_arm
 '''
+
+
+def decided_in_log(
+    cluster: Cluster, plan: Mapping[str, object], seen: Mapping[str, Outcome | None], client: Client
+) -> dict[str, OutcomeKind]:
+    """What the coordinator's log decided for each transaction of ``plan`` (the truth), checked
+    against what the client was told: an answer it got must agree, and one it gave up waiting
+    for is asked now and must agree too."""
+    log = DecisionLog(str(cluster.workdir / "coordinator.log.db"))
+    try:
+        history = log.history(list(plan))
+    finally:
+        log.close()
+    decided: dict[str, OutcomeKind] = {}
+    for tx in plan:
+        records = history.get(tx, [])
+        if any(isinstance(r, TxCommitting) for r in records):
+            decided[tx] = OutcomeKind.COMMITTED
+            assert not any(isinstance(r, TxAborted) for r in records), records
+        elif any(isinstance(r, TxAborted) for r in records):
+            decided[tx] = OutcomeKind.ABORTED
+        else:
+            decided[tx] = OutcomeKind.UNKNOWN  # the coordinator never saw it
+    for tx, outcome in seen.items():
+        if outcome is not None:
+            assert outcome.outcome is decided[tx], (tx, outcome, history.get(tx))
+        else:  # the client gave up: asking now gives the logged answer
+            try:
+                status = client.status(tx, wait=10).outcome
+            except OutcomeUnknown:
+                status = None
+            assert status is decided[tx], (tx, status, history.get(tx))
+    return decided
 
 
 def wait_for(
@@ -311,6 +344,13 @@ class Cluster:
         if self.dbs[name][1] == "postgres":
             return self.commit_markers(name)
         return {tx for tx, state in self.reservations(name).items() if state == "committed"}
+
+    def wait_until_settled(self, timeout: float = 120) -> None:
+        """Until nothing is in doubt anywhere; else fail naming what still is."""
+        try:
+            wait_for(lambda: not self.in_doubt(), timeout=timeout, what="nothing in doubt")
+        except AssertionError:
+            raise AssertionError(f"still in doubt: {self.in_doubt()}") from None
 
     def in_doubt(self) -> dict[str, list[str]]:
         """Everything still undecided or unacknowledged, by where it is; empty when quiet."""
@@ -636,6 +676,45 @@ def load_plan() -> dict[str, list[Branch]]:
     return plan
 
 
+def drive_load(
+    client: Client,
+    plan: Mapping[str, list[Branch]],
+    fault: Callable[[list[str]], None],
+    *,
+    concurrency: int = LOAD_CONCURRENCY,
+    wait_s: float = LOAD_WAIT_S,
+) -> dict[str, Outcome | None]:
+    """Submit ``plan`` with ``concurrency`` in flight; once a third is answered, call ``fault``
+    once with the transactions then in flight. Each transaction's outcome, or None when the
+    client never learnt it (it gave up, or ``wait_s`` passed)."""
+    seen: dict[str, Outcome | None] = {}
+    faulted = False
+    pending: dict[Future[Outcome], tuple[str, float]] = {}
+    queue = list(plan)
+    while queue or pending:
+        while queue and len(pending) < concurrency:
+            tx = queue.pop(0)
+            future = client.submit_future(plan[tx], tx_id=tx, timeout=5.0)
+            pending[future] = (tx, time.monotonic())
+        if not faulted and len(seen) >= len(plan) // 3:
+            faulted = True
+            fault([tx for tx, _ in pending.values()])
+        done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+        for future in done:
+            tx, _ = pending.pop(future)
+            try:
+                seen[tx] = future.result()
+            except Exception:  # the client gave up on it
+                seen[tx] = None
+        for future, (tx, since) in list(pending.items()):
+            if time.monotonic() - since > wait_s:
+                future.cancel()
+                del pending[future]
+                seen[tx] = None
+    assert faulted
+    return seen
+
+
 @pytest.mark.slow
 def test_a_broker_restart_mid_load_loses_and_doubles_nothing(cluster: Cluster) -> None:
     cluster.open_accounts(LOAD_ACCOUNTS, 1_000)
@@ -644,65 +723,23 @@ def test_a_broker_restart_mid_load_loses_and_doubles_nothing(cluster: Cluster) -
     seen: dict[str, Outcome | None] = {}  # None: the client never learnt the outcome
     in_flight_at_restart: list[str] = []
     with Client(cluster.amqp_url) as client:
-        pending: dict[Future[Outcome], tuple[str, float]] = {}
-        queue = list(plan)
-        while queue or pending:
-            while queue and len(pending) < LOAD_CONCURRENCY:
-                tx = queue.pop(0)
-                future = client.submit_future(plan[tx], tx_id=tx, timeout=5.0)
-                pending[future] = (tx, time.monotonic())
-            if not in_flight_at_restart and len(seen) >= LOAD_TRANSFERS // 3:
-                in_flight_at_restart = [tx for tx, _ in pending.values()]
-                with broker_stopped():
-                    time.sleep(2.0)  # the outage, with a full window of transfers in flight
-            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in done:
-                tx, _ = pending.pop(future)
-                try:
-                    seen[tx] = future.result()
-                except Exception:  # the client gave up on it
-                    seen[tx] = None
-            for future, (tx, since) in list(pending.items()):
-                if time.monotonic() - since > LOAD_WAIT_S:
-                    future.cancel()
-                    del pending[future]
-                    seen[tx] = None
+
+        def restart_broker(in_flight: list[str]) -> None:
+            in_flight_at_restart.extend(in_flight)
+            with broker_stopped():
+                time.sleep(2.0)  # the outage, with a full window of transfers in flight
+
+        seen.update(drive_load(client, plan, restart_broker))
 
         assert len(in_flight_at_restart) == LOAD_CONCURRENCY
         for name, process in cluster.services.processes.items():
             assert process.poll() is None, (
                 f"{name} did not survive the broker restart:\n{cluster.services.output(name)}"
             )
-        try:
-            wait_for(lambda: not cluster.in_doubt(), timeout=120, what="nothing in doubt")
-        except AssertionError:
-            raise AssertionError(f"still in doubt: {cluster.in_doubt()}") from None
+        cluster.wait_until_settled()
 
         # The truth is the coordinator's log; what the client was told must agree with it.
-        log = DecisionLog(str(cluster.workdir / "coordinator.log.db"))
-        try:
-            history = log.history(list(plan))
-        finally:
-            log.close()
-        decided: dict[str, OutcomeKind] = {}
-        for tx in plan:
-            records = history.get(tx, [])
-            if any(isinstance(r, TxCommitting) for r in records):
-                decided[tx] = OutcomeKind.COMMITTED
-                assert not any(isinstance(r, TxAborted) for r in records), records
-            elif any(isinstance(r, TxAborted) for r in records):
-                decided[tx] = OutcomeKind.ABORTED
-            else:
-                decided[tx] = OutcomeKind.UNKNOWN  # the coordinator never saw it
-        for tx, outcome in seen.items():
-            if outcome is not None:
-                assert outcome.outcome is decided[tx], (tx, outcome, history.get(tx))
-            else:  # the client gave up: asking now gives the logged answer
-                try:
-                    status = client.status(tx, wait=10).outcome
-                except OutcomeUnknown:
-                    status = None
-                assert status is decided[tx], (tx, status, history.get(tx))
+        decided = decided_in_log(cluster, plan, seen, client)
 
     committed = {tx for tx, kind in decided.items() if kind is OutcomeKind.COMMITTED}
     told = [o.outcome.value if o else "unknown" for o in seen.values()]

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -181,12 +182,10 @@ def test_a_lock_is_refused_to_another_connection_and_freed_with_its_holder(amqp_
         second.close()
 
 
-def test_a_reconnect_waits_for_its_lock_then_says_it_was_contested(
-    amqp_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Cut off, this instance finds its lock held by another connection: it waits, takes it once
-    free, and says so (the driver then rebuilds its state from the log)."""
-    monkeypatch.setattr(amqp, "LOCK_WAIT_S", 20)
+@contextmanager
+def cut_off_while_another_holds(amqp_url: str) -> Iterator[tuple[AmqpChannel, AmqpChannel]]:
+    """(cut_off, other): ``cut_off`` held the lock until its connection was cut, and ``other``
+    took the lock meanwhile."""
     lock = topology.lock_queue(QUEUE)
     cut_off = AmqpChannel(amqp_url, connection_name="twophase-test-cut-off")
     other = AmqpChannel(amqp_url, connection_name="twophase-test-other")
@@ -194,6 +193,19 @@ def test_a_reconnect_waits_for_its_lock_then_says_it_was_contested(
         cut_off.hold(lock)
         cut_off._close_connection()
         other.hold(lock)
+        yield cut_off, other
+    finally:
+        cut_off.close()
+        other.close()
+
+
+def test_a_reconnect_waits_for_its_lock_then_says_it_was_contested(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off, this instance finds its lock held by another connection: it waits, takes it once
+    free, and says so (the driver then rebuilds its state from the log)."""
+    monkeypatch.setattr(amqp, "LOCK_WAIT_S", 20)
+    with cut_off_while_another_holds(amqp_url) as (cut_off, other):
         threading.Timer(1.5, other.close).start()  # the other instance goes away
         started = time.monotonic()
         cut_off.reconnect()
@@ -203,27 +215,17 @@ def test_a_reconnect_waits_for_its_lock_then_says_it_was_contested(
         third = AmqpChannel(amqp_url, connection_name="twophase-test-third")
         try:
             with pytest.raises(InstanceRunning):  # and it holds the lock again
-                third.hold(lock)
+                third.hold(topology.lock_queue(QUEUE))
         finally:
             third.close()
-    finally:
-        cut_off.close()
-        other.close()
 
 
 def test_a_reconnect_that_cannot_take_its_lock_back_ends_the_instance(
     amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(amqp, "LOCK_WAIT_S", 2)
-    lock = topology.lock_queue(QUEUE)
-    cut_off = AmqpChannel(amqp_url, connection_name="twophase-test-cut-off")
-    other = AmqpChannel(amqp_url, connection_name="twophase-test-other")
-    try:
-        cut_off.hold(lock)
-        cut_off._close_connection()
-        other.hold(lock)
-        with pytest.raises(InstanceRunning, match="another instance took over"):
-            cut_off.reconnect()
-    finally:
-        cut_off.close()
-        other.close()
+    with (
+        cut_off_while_another_holds(amqp_url) as (cut_off, _other),
+        pytest.raises(InstanceRunning, match="another instance took over"),
+    ):
+        cut_off.reconnect()
