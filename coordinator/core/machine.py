@@ -182,21 +182,23 @@ class CoordinatorCore:
                 Send(q, finished, tx.traceparent) for q in tx.reply_to + tx.status_reply_to
             ]
             return effects + self._answer_askers(tx, finished.outcome is OutcomeKind.COMMITTED)
-        if tx.begin is None:
+        begun = next((r for r in event.records if isinstance(r, TxBegun)), None)
+        if begun is not None:
+            # Begun by an earlier incarnation (or, with several coordinators, another owner) and
+            # not decided: recovery normally aborts these, so the log was read before it
+            # finished. Whoever asks (a Begin again, a vote, an inquiry), the abort is logged
+            # before anyone hears of it, and every participant of the transaction is told.
+            self._restore(tx, begun)
+            if begun.one_phase:
+                reason = "the coordinator restarted before the one-phase vote arrived"
+                return self._resolve(tx, reason, None, now_ms)
+            aborted = self._abort(tx, "the coordinator restarted before deciding", None)
+            return aborted + self._answer_askers(tx, committed=False)
+        if tx.begin is None:  # never begun here: presumed abort, nothing to log
             del self.transactions[tx.tx_id]
             unknown = Outcome(tx_id=tx.tx_id, outcome=OutcomeKind.UNKNOWN)
             effects = [Send(q, unknown) for q in tx.status_reply_to]
             return effects + self._answer_askers(tx, committed=False)
-        begun = next((r for r in event.records if isinstance(r, TxBegun)), None)
-        if begun is not None and begun.one_phase:
-            self._restore(tx, begun)
-            reason = "the coordinator restarted before the one-phase vote arrived"
-            return self._resolve(tx, reason, None, now_ms)
-        if begun is not None:
-            # Started by an earlier incarnation that crashed before deciding; recovery normally
-            # aborts these, so reaching here means the log was read before recovery finished.
-            aborted = self._abort(tx, "the coordinator restarted before deciding", None)
-            return aborted + self._answer_askers(tx, committed=False)
         return self._start(tx, now_ms)
 
     def _start(self, tx: Transaction, now_ms: int) -> list[Effect]:

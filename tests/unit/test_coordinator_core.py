@@ -482,6 +482,23 @@ def test_a_late_yes_vote_after_end_hears_commit_and_an_unknown_inquiry_abort() -
     assert core.state_of(TX) is TxState.NONE
 
 
+def test_an_inquiry_about_a_begun_undecided_transaction_logs_the_abort_before_telling_anyone() -> (
+    None
+):
+    """The log was read before recovery aborted it (or, with several coordinators, another owner
+    began it): the abort is forced to the log first, then every participant hears it, the client
+    too, not only the one that asked (docs/architecture.md §12.1, L7)."""
+    core = fresh("a", "b")
+    assert core.handle(Incoming(Inquire(tx_id=TX, participant="b")), NOW) == [LookUp(TX)]
+    branches = (Branch("a", "op"), Branch("b", "op"))
+    begun = TxBegun(tx_id=TX, branches=branches, deadline_ms=NOW, reply_to=CLIENT)
+    effects = core.handle(HistoryLoaded(TX, [begun]), NOW)
+    signatures = [sig(e) for e in effects]
+    assert signatures[0] == "Persist(aborted!)"
+    assert {"Abort>a", "Abort>b", "Outcome.aborted>c1"} <= set(signatures), signatures
+    assert core.state_of(TX) is TxState.NONE
+
+
 def test_a_late_no_or_read_only_vote_for_an_unknown_transaction_needs_no_answer() -> None:
     core = coordinator_in(TxState.NONE)
     assert core.handle(vote("a", VoteKind.NO), NOW) == []
