@@ -372,7 +372,7 @@ class AmqpChannel:
                     f"{lock} is still held by another connection after {LOCK_WAIT_S} s: another "
                     "instance took over while this one was cut off from RabbitMQ"
                 )
-            time.sleep(1.0)
+            link.run(1.0)  # not a sleep: the loop keeps sending this connection's heartbeats
 
     def reconnect(self, attempts: int = 1_000_000) -> None:
         """Drop everything in flight and connect again (new generation).

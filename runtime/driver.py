@@ -34,7 +34,7 @@ from runtime import logs, outages, selfstats
 from runtime.amqp import AmqpChannel, Delivery
 from runtime.auth import Auth, Refusal, Verified
 from runtime.crashpoints import crashpoint
-from runtime.errors import ConfigurationError, ConnectionLost, PublishError, PublishRefused
+from runtime.errors import ConnectionLost, InstanceRunning, PublishError, PublishRefused
 from runtime.journal import Journal
 from runtime.seams import CoreEffect, DriverEvent, Observer, Side, plain_headers
 from runtime.suspects import POISON_ATTEMPTS, Suspects
@@ -260,7 +260,7 @@ class BatchDriver(Generic[E, F, R]):
                 self.turn()
             except ConnectionLost as exc:
                 self._recover_connection(exc)
-        except ConfigurationError:
+        except InstanceRunning:
             raise  # another instance took over while this one was cut off: it must stop
         except Exception as exc:
             self._after_failure(exc)

@@ -51,7 +51,8 @@ def holder(engine: sa.Engine, service: str) -> str | None:
             ).scalar()
     except sa.exc.SQLAlchemyError:  # no table yet, or no answer: the line names no one
         return None
-    return None if found is None else str(found)
+    # a row anyone with the database could write: one line, bounded, whatever it holds
+    return None if found is None else " ".join(str(found).split())[:300]
 
 
 def claim(engine: sa.Engine, service: str, who: str) -> None:
